@@ -1,0 +1,161 @@
+"""Post-hoc OOD scores computed from a classifier's logits and embeddings.
+
+Sign conventions:
+
+* OpenOOD (what this module returns and what ``scores.parquet`` stores in ``score``):
+  higher = more in-distribution. The metrics in :mod:`oodscale.evaluate.metrics` expect it.
+* pytorch-ood: higher = more OOD. Convert with ``pytorch_ood_score = -score``.
+
+``knn`` and ``mahalanobis`` need statistics of the ID training embeddings, gathered once by
+:func:`fit_features`. Both work in chunks so ImageNet-sized feature banks fit in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SCORE_NAMES = ("msp", "maxlogit", "energy", "maxcos", "knn", "mahalanobis")
+
+
+@dataclass
+class FittedFeatures:
+    """ID training statistics: L2-normalised bank for kNN, class means + tied precision."""
+
+    train_normed: torch.Tensor  # N x D, unit rows
+    class_means: torch.Tensor  # C x D, float64, one row per class present in training
+    precision: torch.Tensor  # D x D, float64, pseudo-inverse of the tied covariance
+    k: int
+
+
+def fit_features(
+    embeddings: torch.Tensor, labels: torch.Tensor, k: int = 10, chunk: int = 4096
+) -> FittedFeatures:
+    """Fit kNN/Mahalanobis statistics with per-chunk accumulation (memory bounded by ``chunk``).
+
+    Only classes that occur in ``labels`` get a mean, so non-contiguous label sets are fine.
+    """
+    emb = embeddings.detach().float().cpu()
+    lab = labels.detach().cpu().long().ravel()
+    if emb.ndim != 2 or emb.shape[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty N x D tensor, got {tuple(emb.shape)}")
+    if lab.shape[0] != emb.shape[0]:
+        raise ValueError(f"{emb.shape[0]} embeddings but {lab.shape[0]} labels")
+    if not 1 <= k <= emb.shape[0]:
+        raise ValueError(f"k must be in [1, {emb.shape[0]}] (number of training rows), got {k}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+
+    _, cls = torch.unique(lab, return_inverse=True)
+    n_cls, dim = int(cls.max()) + 1, emb.shape[1]
+    sums = torch.zeros(n_cls, dim, dtype=torch.float64)
+    counts = torch.zeros(n_cls, dtype=torch.float64)
+    for i in range(0, emb.shape[0], chunk):
+        x, c = emb[i : i + chunk].double(), cls[i : i + chunk]
+        sums.index_add_(0, c, x)
+        counts.index_add_(0, c, torch.ones_like(c, dtype=torch.float64))
+    means = sums / counts[:, None]
+
+    # Second pass: centring on the class mean before the outer product keeps float64 accurate.
+    scatter = torch.zeros(dim, dim, dtype=torch.float64)
+    for i in range(0, emb.shape[0], chunk):
+        centred = emb[i : i + chunk].double() - means[cls[i : i + chunk]]
+        scatter += centred.T @ centred
+    cov = scatter / emb.shape[0]
+    precision = torch.linalg.pinv(cov, hermitian=True)
+
+    return FittedFeatures(
+        train_normed=F.normalize(emb, dim=1), class_means=means, precision=precision, k=k
+    )
+
+
+def _knn_score(emb: torch.Tensor, fitted: FittedFeatures, chunk: int) -> torch.Tensor:
+    """Negative distance to the k-th nearest training point on the unit sphere.
+
+    Both test and train sides are chunked; a running top-k of similarities is merged per
+    train chunk, so at most ``chunk x (chunk + k)`` similarities exist at once.
+    """
+    bank = fitted.train_normed.to(emb.device)
+    query = F.normalize(emb.float(), dim=1)
+    out = torch.empty(query.shape[0], dtype=torch.float32, device=emb.device)
+    for i in range(0, query.shape[0], chunk):
+        q = query[i : i + chunk]
+        best = torch.empty(q.shape[0], 0, device=emb.device)
+        for j in range(0, bank.shape[0], chunk):
+            sims = torch.cat([best, q @ bank[j : j + chunk].T], dim=1)
+            best = sims.topk(min(fitted.k, sims.shape[1]), dim=1).values
+        kth_sim = best[:, fitted.k - 1]
+        out[i : i + chunk] = -torch.sqrt(torch.clamp(2.0 - 2.0 * kth_sim, min=0.0))
+    return out
+
+
+def _mahalanobis_score(emb: torch.Tensor, fitted: FittedFeatures, chunk: int) -> torch.Tensor:
+    """Negative minimum squared Mahalanobis distance to a class mean (tied covariance)."""
+    means = fitted.class_means.to(emb.device)
+    prec = fitted.precision.to(emb.device)
+    mean_term = ((means @ prec) * means).sum(dim=1)  # m^T P m, per class
+    out = torch.empty(emb.shape[0], dtype=torch.float64, device=emb.device)
+    for i in range(0, emb.shape[0], chunk):
+        x = emb[i : i + chunk].double()
+        xp = x @ prec
+        dist = (xp * x).sum(dim=1, keepdim=True) - 2.0 * xp @ means.T + mean_term[None, :]
+        out[i : i + chunk] = -dist.min(dim=1).values
+    return out
+
+
+def _maxcos_score(emb: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    """Largest cosine between the embedding and any class weight (metric heads' natural score)."""
+    if class_weights is None:
+        raise ValueError("score 'maxcos' needs class_weights (C x D), got None")
+    if class_weights.ndim != 2 or class_weights.shape[1] != emb.shape[1]:
+        raise ValueError(
+            f"class_weights must be C x D with D={emb.shape[1]}, got {tuple(class_weights.shape)}"
+            " (pytorch-metric-learning stores W as D x C: pass W.T)"
+        )
+    w = F.normalize(class_weights.detach().to(emb.device).float(), dim=1)
+    return (F.normalize(emb.float(), dim=1) @ w.T).max(dim=1).values
+
+
+def compute_scores(
+    names: Sequence[str],
+    logits: torch.Tensor,
+    embeddings: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    fitted: FittedFeatures | None,
+    temperature: float = 1.0,
+    *,
+    chunk: int = 1024,
+) -> dict[str, np.ndarray]:
+    """Compute each named score (higher = more ID) for every row of ``logits``/``embeddings``."""
+    unknown = [n for n in names if n not in SCORE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown score name(s) {unknown}; valid names: {list(SCORE_NAMES)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if logits.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logit rows but {embeddings.shape[0]} embedding rows")
+    if fitted is None and {"knn", "mahalanobis"} & set(names):
+        raise ValueError("scores 'knn' and 'mahalanobis' need fitted features (fit_features)")
+
+    with torch.no_grad():
+        z = logits.detach().double()
+        emb = embeddings.detach()
+        result: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name == "msp":
+                result[name] = torch.softmax(z / temperature, dim=1).max(dim=1).values
+            elif name == "maxlogit":
+                result[name] = z.max(dim=1).values
+            elif name == "energy":
+                result[name] = temperature * torch.logsumexp(z / temperature, dim=1)
+            elif name == "maxcos":
+                result[name] = _maxcos_score(emb, class_weights)
+            elif name == "knn":
+                result[name] = _knn_score(emb, fitted, chunk)
+            else:
+                result[name] = _mahalanobis_score(emb, fitted, chunk)
+    return {name: s.cpu().numpy().astype(np.float64) for name, s in result.items()}

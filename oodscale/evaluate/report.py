@@ -1,0 +1,308 @@
+"""Turn the long ``scores.parquet`` frame into ``results.parquet`` rows, a Markdown report, plots.
+
+Everything here is derived from the two frames alone, so a report can be rebuilt from stored
+Parquet files without models or Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+from oodscale.evaluate.metrics import id_accuracy, mean_std, ood_metrics
+
+RUN_KEYS = ["run", "loss", "outliers", "seed"]
+METRICS = ["fpr95", "auroc", "aupr_in", "aupr_out"]
+METRIC_LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
+RESULT_COLUMNS = [
+    *RUN_KEYS, "score_name", "ood_set", "group", *METRICS, "fpr95_id_positive", "id_acc",
+]
+SCORE_COLUMNS = [*RUN_KEYS, "score_name", "dataset", "is_ood", "score", "label", "pred"]
+ROW_KEYS = ["loss", "outliers", "score_name"]
+ID_ACC_LABEL = "ID acc"
+GROUPS = ("near", "far")
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} frame lacks column(s) {missing}")
+
+
+def aggregate(scores: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
+    """One ``results.parquet`` row per (run, score name, OOD set); unlisted sets count as far."""
+    _require(scores, SCORE_COLUMNS, "scores")
+    bad = {k: v for k, v in groups.items() if v not in GROUPS}
+    if bad:
+        raise ValueError(f"groups must map OOD sets to 'near' or 'far', got {bad}")
+
+    is_id = scores["dataset"] == "id"
+    id_acc = {
+        run: id_accuracy(part["label"].to_numpy(), part["pred"].to_numpy())
+        for run, part in scores[is_id].groupby("run", sort=False)
+    }
+    rows = []
+    for keys, part in scores.groupby([*RUN_KEYS, "score_name"], sort=True):
+        part_id = part["dataset"] == "id"
+        if not part_id.any():
+            raise ValueError(f"no ID rows (dataset == 'id') for run/score {keys}")
+        id_scores = part.loc[part_id, "score"].to_numpy()
+        for ood_set, ood in part[~part_id].groupby("dataset", sort=True):
+            rows.append(
+                {
+                    **dict(zip([*RUN_KEYS, "score_name"], keys, strict=True)),
+                    "ood_set": ood_set,
+                    "group": groups.get(ood_set, "far"),
+                    **ood_metrics(id_scores, ood["score"].to_numpy()),
+                    "id_acc": id_acc[keys[0]],
+                }
+            )
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def _per_seed(results: pd.DataFrame) -> pd.DataFrame:
+    """Per run and score: each group's metrics averaged over its OOD sets (wide columns)."""
+    keys = [*RUN_KEYS, "score_name"]
+    wide = results.groupby([*keys, "group"])[METRICS].mean().unstack("group")
+    wide.columns = [f"{g} {METRIC_LABELS[m]}" for m, g in wide.columns]
+    ordered = [f"{g} {METRIC_LABELS[m]}" for g in GROUPS for m in METRICS]
+    wide = wide[[c for c in ordered if c in wide.columns]]
+    wide[ID_ACC_LABEL] = results.groupby(keys)["id_acc"].first()
+    return wide.reset_index()
+
+
+def _summary_stats(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """Means, stds over seeds, and seed counts per (loss, outliers, score name)."""
+    _require(results, RESULT_COLUMNS, "results")
+    if results.empty:
+        raise ValueError("results frame is empty: nothing to summarise")
+    per_seed = _per_seed(results)
+    value_cols = [c for c in per_seed.columns if c not in [*RUN_KEYS, "score_name"]]
+    grouped = per_seed.groupby(ROW_KEYS, sort=True)[value_cols]
+    means = grouped.agg(lambda v: mean_std(v.dropna())[0] if v.notna().any() else np.nan)
+    stds = grouped.agg(lambda v: mean_std(v.dropna())[1] if v.notna().any() else np.nan)
+    return means, stds, per_seed.groupby(ROW_KEYS, sort=True).size()
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if np.isnan(mean):
+        return "-"
+    return f"{mean:.1f}" if n == 1 else f"{mean:.1f} ± {std:.1f}"
+
+
+def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Near/far means of each metric plus ID accuracy, as "mean ± std" strings over seeds."""
+    means, stds, counts = _summary_stats(results)
+    table = pd.DataFrame(
+        {
+            col: [_fmt(means.at[i, col], stds.at[i, col], counts[i]) for i in means.index]
+            for col in means.columns
+        },
+        index=means.index,
+    )
+    return table.reset_index()
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table (``to_markdown`` needs tabulate, which is not a dependency)."""
+    cells = [[str(c) for c in frame.columns]]
+    cells += [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(r) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("---" for _ in frame.columns) + "|")
+    return "\n".join(lines)
+
+
+def _bold_best(table: pd.DataFrame, means: pd.DataFrame) -> pd.DataFrame:
+    """Bold each column's best shown value: lowest for FPR columns, highest for the rest."""
+    out = table.copy()
+    for col in means.columns:
+        shown = means[col].round(1).to_numpy()
+        if np.all(np.isnan(shown)):
+            continue
+        best = np.nanmin(shown) if "FPR" in col else np.nanmax(shown)
+        mask = shown == best
+        out.loc[mask, col] = "**" + out.loc[mask, col] + "**"
+    return out
+
+
+def _primary_scores(results: pd.DataFrame) -> dict[str, str]:
+    """Per loss, the score with the lowest mean FPR95 over all its runs and OOD sets."""
+    mean_fpr = results.groupby(["loss", "score_name"])["fpr95"].mean().reset_index()
+    best = mean_fpr.sort_values(["loss", "fpr95", "score_name"]).groupby("loss").head(1)
+    return dict(zip(best["loss"], best["score_name"], strict=True))
+
+
+def _per_set_table(results: pd.DataFrame, primary: dict[str, str]) -> pd.DataFrame:
+    """Every OOD set for each loss's primary score, mean ± std over seeds."""
+    chosen = results[results["score_name"] == results["loss"].map(primary)]
+    rows = []
+    keys = ["loss", "outliers", "score_name", "group", "ood_set"]
+    for key, part in sorted(
+        chosen.groupby(keys), key=lambda kv: (*kv[0][:3], GROUPS.index(kv[0][3]), kv[0][4])
+    ):
+        row = dict(zip(keys, key, strict=True))
+        for m in METRICS:
+            row[METRIC_LABELS[m]] = _fmt(*mean_std(part[m]), len(part))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
+
+
+def _save(fig: Figure, path: str) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100)
+
+
+def _grid(n: int) -> tuple[Figure, list]:
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def _roc_plot(scores: pd.DataFrame, loss: str, score_name: str, path: str) -> None:
+    """ROC (OOD positive) per OOD set, one line per run of the loss, for its primary score."""
+    part = scores[(scores["loss"] == loss) & (scores["score_name"] == score_name)]
+    sets = sorted(part.loc[part["dataset"] != "id", "dataset"].unique())
+    fig, axes = _grid(len(sets))
+    for ax, ood_set in zip(axes, sets, strict=True):
+        for run, run_part in part.groupby("run", sort=True):
+            sel = run_part[run_part["dataset"].isin(["id", ood_set])]
+            fpr, tpr, _ = roc_curve(sel["dataset"] == ood_set, -sel["score"].to_numpy())
+            ax.plot(fpr, tpr, lw=1.2, label=str(run))
+        ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+        ax.set(title=ood_set, xlabel="FPR (ID flagged OOD)", ylabel="TPR (OOD detected)")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"ROC, loss={loss}, score={score_name}")
+    _save(fig, path)
+
+
+def _hist_plot(scores: pd.DataFrame, run: str, score_name: str, path: str) -> None:
+    """ID vs each OOD set's score distribution for one run, on shared bins."""
+    part = scores[(scores["run"] == run) & (scores["score_name"] == score_name)]
+    id_scores = part.loc[part["dataset"] == "id", "score"].to_numpy()
+    sets = sorted(part.loc[part["dataset"] != "id", "dataset"].unique())
+    fig, axes = _grid(len(sets))
+    for ax, ood_set in zip(axes, sets, strict=True):
+        ood_scores = part.loc[part["dataset"] == ood_set, "score"].to_numpy()
+        bins = np.histogram_bin_edges(np.concatenate([id_scores, ood_scores]), bins=40)
+        ax.hist(id_scores, bins=bins, alpha=0.6, density=True, label="ID")
+        ax.hist(ood_scores, bins=bins, alpha=0.6, density=True, label=ood_set)
+        ax.set(title=ood_set, xlabel=f"{score_name} (higher = more ID)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Scores, run={run}")
+    _save(fig, path)
+
+
+def _bar_plot(results: pd.DataFrame, primary: dict[str, str], path: str) -> None:
+    """FPR95 per loss, one bar per outlier setting ("none" first), near and far panels."""
+    chosen = results[results["score_name"] == results["loss"].map(primary)]
+    present = [g for g in GROUPS if (chosen["group"] == g).any()]
+    losses = sorted(chosen["loss"].unique())
+    settings = sorted(chosen["outliers"].unique(), key=lambda s: (s != "none", s))
+    width = 0.8 / len(settings)
+    fig, axes = _grid(len(present))
+    for ax, group in zip(axes, present, strict=True):
+        per_run = chosen[chosen["group"] == group].groupby(["loss", "outliers", "run"])["fpr95"]
+        stats = per_run.mean().groupby(["loss", "outliers"]).agg(
+            mean="mean", std=lambda v: v.std(ddof=0)
+        )
+        for i, setting in enumerate(settings):
+            keys = [(loss, setting) for loss in losses]
+            heights = [stats["mean"].get(k, np.nan) for k in keys]
+            errs = [stats["std"].get(k, 0.0) for k in keys]
+            xs = np.arange(len(losses)) + (i - (len(settings) - 1) / 2) * width
+            bars = ax.bar(xs, heights, width, yerr=errs, capsize=2, label=f"outliers={setting}")
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(np.arange(len(losses)), [f"{lo}\n({primary[lo]})" for lo in losses])
+        ax.set(title=f"{group}-OOD", ylabel="FPR95 (%) ↓")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _convention(results: pd.DataFrame) -> str:
+    sets = {g: sorted(results.loc[results["group"] == g, "ood_set"].unique()) for g in GROUPS}
+    listing = "; ".join(f"{g}: {', '.join(s) if s else '(none)'}" for g, s in sets.items())
+    return "\n".join(
+        [
+            "## Conventions",
+            "",
+            "- OOD is the positive class (OpenOOD v1.5). Scores follow OpenOOD's sign: "
+            "higher score = more in-distribution.",
+            "- FPR95: share of ID test samples flagged OOD at the threshold that detects 95 % of "
+            "the OOD samples. AUROC and AUPR-Out rank OOD as positive; AUPR-In ranks ID as "
+            "positive.",
+            "- `results.parquet` also holds `fpr95_id_positive` (energy/ODIN papers): share of "
+            "OOD accepted at the threshold accepting 95 % of ID.",
+            "- All values are in %. Near/far: each group's metrics are averaged over its OOD "
+            "sets, then mean ± std (ddof=0) over seeds. " + listing + ".",
+        ]
+    )
+
+
+def write_report(
+    results: pd.DataFrame,
+    scores: pd.DataFrame,
+    out_dir: str,
+    title: str,
+    extra_images: dict[str, str] | None = None,
+) -> str:
+    """Write ``report.md`` and ``plots/*.png`` under a local ``out_dir``; return the summary."""
+    plots_dir = os.path.join(out_dir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+
+    means, _, _ = _summary_stats(results)
+    table = summary_table(results)
+    summary_md = _markdown(_bold_best(table, means.reset_index(drop=True)))
+    primary = _primary_scores(results)
+
+    plot_links: list[tuple[str, str]] = []
+    for loss, score_name in primary.items():
+        rel = f"plots/roc_{_slug(loss)}_{_slug(score_name)}.png"
+        _roc_plot(scores, loss, score_name, os.path.join(out_dir, rel))
+        plot_links.append((f"ROC curves, {loss} ({score_name})", rel))
+        runs = results[results["loss"] == loss].sort_values(["outliers", "seed", "run"])
+        for _, first in runs.groupby("outliers", sort=True).head(1).iterrows():
+            rel = f"plots/hist_{_slug(first['run'])}_{_slug(score_name)}.png"
+            _hist_plot(scores, first["run"], score_name, os.path.join(out_dir, rel))
+            plot_links.append((f"Score histograms, run {first['run']} ({score_name})", rel))
+    _bar_plot(results, primary, os.path.join(plots_dir, "fpr95_outliers.png"))
+    plot_links.append(("FPR95 with and without outliers", "plots/fpr95_outliers.png"))
+
+    sections = [
+        f"# {title}",
+        "",
+        _convention(results),
+        "",
+        "## Summary (mean over the OOD sets of each group; best per column in bold)",
+        "",
+        summary_md,
+        "",
+        "## Per OOD set (best score per loss by mean FPR95)",
+        "",
+        _markdown(_per_set_table(results, primary)),
+        "",
+        "## Plots",
+        "",
+        *[f"![{caption}]({rel})\n" for caption, rel in plot_links],
+    ]
+    if extra_images:
+        sections += ["", "## Other figures", ""]
+        for caption, path in extra_images.items():
+            sections += [f"![{caption}]({os.path.relpath(path, out_dir)})", ""]
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(sections).rstrip() + "\n")
+    return summary_md

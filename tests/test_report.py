@@ -1,0 +1,106 @@
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from oodscale.evaluate.metrics import ood_metrics
+from oodscale.evaluate.report import aggregate, summary_table, write_report
+
+GROUPS = {"held_out": "near", "noise": "far"}  # "textures" is unlisted -> far
+EXPECTED_COLUMNS = [
+    "run", "loss", "outliers", "seed", "score_name", "ood_set", "group",
+    "fpr95", "auroc", "aupr_in", "aupr_out", "fpr95_id_positive", "id_acc",
+]
+
+
+def _scores(seeds=(0, 1)) -> pd.DataFrame:
+    """Small long frame: 2 losses x 2 outlier settings x seeds x 2 scores, 3 OOD sets."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for loss in ("softmax", "arcface"):
+        for outliers in ("none", "mixup"):
+            for seed in seeds:
+                run = f"{loss}-{outliers}-s{seed}"
+                labels = np.arange(20) % 3
+                preds = labels.copy()
+                preds[:2] = (preds[:2] + 1) % 3  # 90 % accuracy
+                # arcface+mixup separates perfectly, so it must win every column.
+                shift = 10.0 if (loss, outliers) == ("arcface", "mixup") else 1.0
+                for score_name in ("msp", "maxcos"):
+                    parts = [("id", rng.normal(shift, 1.0, 20), labels, preds)]
+                    for ood_set in ("held_out", "noise", "textures"):
+                        minus = -np.ones(15, dtype=int)
+                        parts.append((ood_set, rng.normal(0.0, 1.0, 15), minus, minus))
+                    for dataset, score, label, pred in parts:
+                        frames.append(pd.DataFrame({
+                            "run": run, "loss": loss, "outliers": outliers, "seed": seed,
+                            "score_name": score_name, "dataset": dataset,
+                            "is_ood": dataset != "id", "score": score,
+                            "label": label, "pred": pred,
+                        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_aggregate_rows_and_columns():
+    scores = _scores()
+    results = aggregate(scores, GROUPS)
+    assert list(results.columns) == EXPECTED_COLUMNS
+    assert len(results) == 8 * 2 * 3
+    assert dict(zip(results["ood_set"], results["group"], strict=True)) == {
+        "held_out": "near", "noise": "far", "textures": "far",
+    }
+    assert (results["id_acc"] == 90.0).all()
+    row = results[(results["run"] == "softmax-none-s1") & (results["score_name"] == "msp")
+                  & (results["ood_set"] == "noise")].iloc[0]
+    sel = scores[(scores["run"] == "softmax-none-s1") & (scores["score_name"] == "msp")]
+    expected = ood_metrics(sel.loc[sel["dataset"] == "id", "score"].to_numpy(),
+                           sel.loc[sel["dataset"] == "noise", "score"].to_numpy())
+    assert row["auroc"] == pytest.approx(expected["auroc"])
+    assert row["fpr95"] == pytest.approx(expected["fpr95"])
+
+
+def test_aggregate_rejects_bad_group():
+    with pytest.raises(ValueError, match="near"):
+        aggregate(_scores(seeds=(0,)), {"noise": "middle"})
+
+
+def test_summary_table_formats():
+    results = aggregate(_scores(), GROUPS)
+    table = summary_table(results)
+    assert len(table) == 2 * 2 * 2
+    assert list(table.columns[:3]) == ["loss", "outliers", "score_name"]
+    assert "near FPR95" in table.columns and "far AUROC" in table.columns
+    assert "ID acc" in table.columns
+    assert re.fullmatch(r"\d+\.\d ± \d+\.\d", table["near FPR95"].iloc[0])
+    best = table[(table["loss"] == "arcface") & (table["outliers"] == "mixup")]
+    assert (best["near FPR95"] == "0.0 ± 0.0").all()
+    single = summary_table(aggregate(_scores(seeds=(0,)), GROUPS))
+    assert "±" not in single["far AUROC"].iloc[0]
+    assert single["ID acc"].iloc[0] == "90.0"
+
+
+def test_write_report(tmp_path):
+    scores = _scores()
+    results = aggregate(scores, GROUPS)
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"not really a png")
+    out = tmp_path / "eval"
+    summary = write_report(results, scores, str(out), "Test report", {"Outlier grid": str(grid)})
+    text = (out / "report.md").read_text()
+    assert text.startswith("# Test report")
+    assert "OOD is the positive class" in text and "higher score = more in-distribution" in text
+    assert summary in text
+    # The perfectly separated configuration holds the bold best near FPR95 and AUROC.
+    header = summary.splitlines()[0].split("|")
+    fpr_col = [c.strip() for c in header].index("near FPR95")
+    bold_rows = [r for r in summary.splitlines()[2:] if "**" in r.split("|")[fpr_col]]
+    assert bold_rows and all("arcface | mixup" in r for r in bold_rows)
+    pngs = sorted(os.listdir(out / "plots"))
+    assert "fpr95_outliers.png" in pngs
+    assert any(p.startswith("roc_") for p in pngs) and any(p.startswith("hist_") for p in pngs)
+    for link in re.findall(r"\]\(([^)]+)\)", text):
+        path = out / link
+        assert path.is_file() and path.stat().st_size > 0, link
+    assert "../grid.png" in text
