@@ -1,0 +1,9 @@
+"""Ray job: the `run` stage.
+
+`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/digits.yaml`
+"""
+
+from oodscale.cli import job_main
+
+if __name__ == "__main__":
+    job_main("run")

@@ -1,0 +1,9 @@
+"""Ray job: the `train-diffusion` stage.
+
+`ray job submit --working-dir . -- python jobs/train_diffusion.py --config configs/digits.yaml`
+"""
+
+from oodscale.cli import job_main
+
+if __name__ == "__main__":
+    job_main("train-diffusion")

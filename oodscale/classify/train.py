@@ -1,0 +1,195 @@
+"""The train stage: OE metric-learning classifiers in Ray Train with Accelerate DDP.
+
+Each step concatenates an ID batch and an outlier batch into one forward pass (BatchNorm sees
+both); loss = L_id(ID rows) + λ_oe · KL(U ‖ softmax(logits of outlier rows)).
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
+from oodscale.classify.losses import kl_to_uniform
+from oodscale.classify.outliers import noise_outliers, pixelmix_outliers
+from oodscale.config import ExperimentConfig, steps_per_epoch
+from oodscale.data.shards import Manifest
+from oodscale.data.streams import endless_batches, read_shards, to_model_input
+from oodscale.distributed import (
+    copy_checkpoint,
+    make_accelerator,
+    report,
+    resumed_state,
+    run_trainer,
+)
+from oodscale.runtime import RunLayout, derive_seed, seed_everything
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid: loss × outlier source × seed."""
+
+    loss: str
+    outliers: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.loss}-{self.outliers}-s{self.seed}"
+
+
+def grid(cfg: ExperimentConfig) -> list[RunSpec]:
+    t = cfg.train
+    return [RunSpec(loss, out, seed)
+            for loss, out, seed in itertools.product(t.losses, t.outliers, t.seeds)]
+
+
+def _card(cfg: ExperimentConfig, spec: RunSpec, manifest: Manifest) -> dict[str, Any]:
+    t = cfg.train
+    return {"loss": spec.loss, "outliers": spec.outliers, "seed": spec.seed, "run": spec.name,
+            "backbone": t.backbone, "embedding_dim": t.embedding_dim,
+            "head_options": t.head_options.get(spec.loss, {}),
+            "num_classes": len(manifest.class_names), "class_names": manifest.class_names,
+            "image_size": manifest.image_size, "channels": manifest.channels,
+            "lambda_oe": t.lambda_oe, "epochs": t.epochs}
+
+
+def classifier_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop for one grid cell."""
+    import ray.train
+
+    cfg = ExperimentConfig.model_validate(config["cfg"])
+    t = cfg.train
+    card = config["card"]
+    rank = ray.train.get_context().get_world_rank()
+    seed_everything(derive_seed(card["seed"], card["run"], "init"))  # same init on every rank
+    accelerator = make_accelerator(t.mixed_precision, config["use_gpu"])
+    model = classifier_from_card(card)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    steps = config["steps_per_epoch"]
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.15)
+    start_epoch = 0
+    with resumed_state() as (ckpt, state):
+        if ckpt is not None:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(ckpt / WEIGHTS)))
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            lr_schedule.load_state_dict(torch.load(ckpt / "schedule.pt", weights_only=True))
+            start_epoch = state["epoch"] + 1
+    model, optimizer = accelerator.prepare(model, optimizer)
+    gen = torch.Generator().manual_seed(derive_seed(card["seed"], card["run"], "outliers", rank))
+    id_batches = endless_batches(ray.train.get_dataset_shard("id"), t.batch_size,
+                                 derive_seed(card["seed"], card["run"], "id", rank))
+    source = card["outliers"]
+    syn_batches = (endless_batches(ray.train.get_dataset_shard("outliers"), t.outlier_batch_size,
+                                   derive_seed(card["seed"], card["run"], "syn", rank))
+                   if source == "labelmix" else None)
+    device = accelerator.device
+    for epoch in range(start_epoch, t.epochs):
+        model.train()
+        sums = {"loss": 0.0, "id_loss": 0.0, "oe_loss": 0.0, "correct": 0.0}
+        started = time.time()
+        for _ in range(steps):
+            batch = next(id_batches)
+            x = to_model_input(batch["image"])
+            y = batch["label"].long()
+            outliers = _outlier_batch(source, x, y, syn_batches, t.outlier_batch_size, gen)
+            n_id = len(y)
+            if outliers is not None:
+                y = torch.cat([y, torch.full((len(outliers),), -1, dtype=torch.long)])
+                x = torch.cat([x, outliers])
+            x, y = x.to(device), y.to(device)
+            with accelerator.autocast():
+                logits, _, id_loss = model(x, y)
+                oe_loss = kl_to_uniform(logits[n_id:].float())
+                loss = id_loss + t.lambda_oe * oe_loss
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            lr_schedule.step()
+            sums["loss"] += loss.item()
+            sums["id_loss"] += id_loss.item()
+            sums["oe_loss"] += oe_loss.item()
+            sums["correct"] += (logits[:n_id].argmax(1) == y[:n_id]).float().mean().item()
+        metrics = {k: v / steps for k, v in sums.items()}
+        metrics.update(epoch=epoch, train_acc=100 * metrics.pop("correct"),
+                       images_per_s=steps * t.batch_size / (time.time() - started))
+        if epoch == t.epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
+            unwrapped = accelerator.unwrap_model(model)
+
+            def write(path: Path, unwrapped=unwrapped, epoch=epoch) -> None:
+                save_classifier(unwrapped, {**card, "epoch": epoch, "step": (epoch + 1) * steps},
+                                path)
+                torch.save(optimizer.state_dict(), path / "optimizer.pt")
+                torch.save(lr_schedule.state_dict(), path / "schedule.pt")
+
+            report(metrics, accelerator, write)
+        else:
+            report(metrics, accelerator, None)
+
+
+def _outlier_batch(source: str, x: torch.Tensor, y: torch.Tensor, syn_batches, count: int,
+                   gen: torch.Generator) -> torch.Tensor | None:
+    if source == "none":
+        return None
+    if source == "labelmix":
+        return to_model_input(next(syn_batches)["image"])
+    if source == "noise":
+        return noise_outliers((count, *x.shape[1:]), gen)
+    if source == "pixelmix":
+        return pixelmix_outliers(x, y, count, gen)
+    raise ValueError(f"unknown outlier source {source!r}; valid: none, labelmix, noise, pixelmix")
+
+
+def train_one(cfg: ExperimentConfig, layout: RunLayout, spec: RunSpec, id_data, manifest: Manifest,
+              synthetic) -> dict[str, Any]:
+    """Train one grid cell (resuming if interrupted) and publish it under classifiers/<run>."""
+    t = cfg.train
+    steps = t.steps_per_epoch or steps_per_epoch(manifest.num_samples, t.batch_size,
+                                                 t.num_workers)
+    datasets = {"id": id_data}
+    if spec.outliers == "labelmix":
+        datasets["outliers"] = synthetic
+    result = run_trainer(
+        classifier_loop,
+        {"cfg": cfg.model_dump(), "card": _card(cfg, spec, manifest), "steps_per_epoch": steps,
+         "checkpoint_every": max(1, t.epochs // 3)},
+        datasets, t, layout, name=f"{cfg.name}-{spec.name}")
+    destination = layout.classifier_dir(spec.name)
+    copy_checkpoint(result, layout, destination)
+    return {"run": spec.name, **{k: result.metrics.get(k) for k in
+                                 ("loss", "id_loss", "oe_loss", "train_acc", "images_per_s")}}
+
+
+def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str, Any]]:
+    """Train every grid cell that has no finished checkpoint; returns one summary per run."""
+    storage = layout.storage
+    id_data, manifest = read_shards(storage, layout.id_split("train"))
+    specs = [s for s in grid(cfg) if not storage.exists(f"{layout.classifier_dir(s.name)}/{CARD}")]
+    synthetic = None
+    if any(s.outliers == "labelmix" for s in specs):
+        synthetic, syn_manifest = read_shards(storage, layout.synthetic_dir,
+                                              hint="run `oodscale generate`")
+        if syn_manifest.class_names != manifest.class_names:
+            raise ValueError("the synthetic shards were drawn for other ID classes "
+                             f"({syn_manifest.class_names} vs {manifest.class_names}); rerun "
+                             "train-diffusion and generate for this config")
+    summaries = []
+    for spec in specs:
+        print(f"[oodscale] training {spec.name}", flush=True)
+        summaries.append(train_one(cfg, layout, spec, id_data, manifest, synthetic))
+    return summaries
+
+
+def fetch_classifier(layout: RunLayout, run: str, scratch: str | None = None) -> Path:
+    """Local directory with a finished classifier's files."""
+    return layout.storage.fetch_dir(layout.classifier_dir(run),
+                                    Path(scratch or tempfile.mkdtemp(prefix="oodscale-clf-")))

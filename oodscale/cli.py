@@ -1,0 +1,157 @@
+"""`oodscale prepare|train-diffusion|generate|train|evaluate|run|report|verify CONFIG [k=v ...]`.
+
+The `jobs/*.py` entry points call `job_main` with their stage, so `ray job submit -- python
+jobs/generate.py --config ...` and `oodscale generate ...` run the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from oodscale.config import ConfigError, ExperimentConfig, load_config
+from oodscale.runtime import RunLayout, init_ray, layout_for
+
+Stage = Callable[[ExperimentConfig, RunLayout], str]
+
+
+def _prepare(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    from oodscale.data.prepare import prepare
+
+    written = prepare(cfg, layout)
+    return "wrote " + ", ".join(written) if written else "all shard sets already prepared"
+
+
+def _train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    from oodscale.diffusion.train import train_diffusion
+
+    card = train_diffusion(cfg, layout)
+    return (f"DDPM at {layout.storage.uri_of(layout.diffusion_dir)} (final loss "
+            f"{card['final_loss']:.4f}, model {card['model_hash']})")
+
+
+def _generate(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    from oodscale.diffusion.generate import generate
+
+    manifest = generate(cfg, layout)
+    uri = layout.storage.uri_of(layout.synthetic_dir)
+    return (f"{manifest.num_samples} synthetic outliers in {len(manifest.shards)} shards at {uri}"
+            f"; sample grid {uri}/grid.png")
+
+
+def _train(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    from oodscale.classify.train import train_classifiers
+
+    done = train_classifiers(cfg, layout)
+    lines = [f"  {d['run']}: train acc {d['train_acc']:.1f}%, loss {d['loss']:.3f}" for d in done]
+    return "\n".join(["trained:", *lines]) if lines else "every classifier already trained"
+
+
+def _evaluate(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    from oodscale.evaluate.score import evaluate
+
+    out = evaluate(cfg, layout)
+    return (f"\n{out['summary']}\n\nreport: {out['eval_dir']}/report.md\n"
+            f"plots:  {out['eval_dir']}/plots/\n"
+            f"data:   {out['eval_dir']}/results.parquet, {out['eval_dir']}/scores.parquet")
+
+
+def _report(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    import pandas as pd
+
+    from oodscale.evaluate.score import render_report
+
+    frames = {name: pd.read_parquet(io.BytesIO(layout.storage.read_bytes(
+        f"{layout.eval_dir}/{name}.parquet"))) for name in ("results", "scores")}
+    return "\n" + render_report(cfg, layout, frames["results"], frames["scores"])
+
+
+def _verify(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    from oodscale.data.shards import verify_shards
+
+    dirs = [layout.id_split("train"), layout.id_split("test"),
+            *(layout.ood_set(n) for n in cfg.data.ood_sets)]
+    if layout.storage.exists(layout.synthetic_dir):
+        dirs.append(layout.synthetic_dir)
+    counts = [verify_shards(layout.storage, d).num_samples for d in dirs]
+    return f"{len(dirs)} shard sets, {sum(counts)} samples: every checksum matches"
+
+
+PIPELINE: list[tuple[str, Stage]] = [
+    ("prepare", _prepare), ("train-diffusion", _train_diffusion), ("generate", _generate),
+    ("train", _train), ("evaluate", _evaluate)]
+
+
+def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    needs_ddpm = "labelmix" in cfg.train.outliers
+    out = []
+    for name, stage in PIPELINE:
+        if name in ("train-diffusion", "generate") and not needs_ddpm:
+            continue
+        out.append(_timed(name, stage, cfg, layout))
+    return out[-1]
+
+
+STAGES: dict[str, Stage] = {**dict(PIPELINE), "run": _run, "report": _report, "verify": _verify}
+NEEDS_RAY = {"train-diffusion", "generate", "train", "evaluate", "run"}
+
+
+def _timed(name: str, stage: Stage, cfg: ExperimentConfig, layout: RunLayout) -> str:
+    print(f"[oodscale] {name} ...", flush=True)
+    started = time.time()
+    message = stage(cfg, layout)
+    print(f"[oodscale] {name} done in {time.time() - started:.0f}s: {message}", flush=True)
+    return message
+
+
+def _parser(stage: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oodscale" if stage is None else f"jobs/{stage.replace('-', '_')}.py",
+        description="Deep metric learning with synthetic outlier exposure, on Ray.")
+    if stage is None:
+        parser.add_argument("command", choices=sorted(STAGES))
+    parser.add_argument("--config", help="experiment YAML (default configs/digits.yaml)")
+    parser.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else local)")
+    parser.add_argument("rest", nargs="*", metavar="CONFIG_OR_KEY=VALUE",
+                        help="the config path (if --config is not given), then dotted "
+                             "overrides such as train.epochs=3")
+    return parser
+
+
+def _split_rest(config: str | None, rest: list[str]) -> tuple[str, list[str]]:
+    if config is None and rest and "=" not in rest[0]:
+        return rest[0], rest[1:]
+    return config or "configs/digits.yaml", rest
+
+
+def main(argv: list[str] | None = None, stage: str | None = None) -> int:
+    args = _parser(stage).parse_args(argv)
+    command = stage or args.command
+    config_path, overrides = _split_rest(args.config, args.rest)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as err:
+        print(f"oodscale: {err}", file=sys.stderr)
+        return 2
+    layout = layout_for(cfg)
+    if command in NEEDS_RAY:
+        init_ray(cfg, args.address)
+    started = time.time()
+    try:
+        message = _timed(command, STAGES[command], cfg, layout)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"oodscale {command}: error: {err}", file=sys.stderr)
+        return 1
+    if command == "run":
+        print(message)
+        print(f"[oodscale] whole pipeline took {time.time() - started:.0f}s")
+    return 0
+
+
+def job_main(stage: str) -> Any:
+    """Entry point of `jobs/<stage>.py`: exits with the stage's status."""
+    sys.exit(main(sys.argv[1:], stage=stage))

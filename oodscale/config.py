@@ -1,0 +1,255 @@
+"""Typed experiment configuration: YAML plus dotted command-line overrides, validated up front.
+
+Every stage reads the same `ExperimentConfig`, so a typo or an impossible value stops the job
+before any Ray work starts, with a message that names the offending key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LossName = Literal["softmax", "arcface", "cosface", "sphereface", "adacos", "normsoftmax"]
+OutlierSource = Literal["none", "labelmix", "noise", "pixelmix"]
+ScoreName = Literal["msp", "maxlogit", "energy", "maxcos", "knn", "mahalanobis"]
+BuiltinOOD = Literal[
+    "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset"
+]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    root: str = Field("runs", description="Local path, file://, s3:// or gs:// URI.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Cluster address; None = RAY_ADDRESS or local.")
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray (default: max(4, 2 x cores)).")
+    object_store_mb: int = Field(512, ge=64)
+
+
+class OODSetSource(_Section):
+    """A bring-your-own OOD test set: an ImageFolder tree or WebDataset shards."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    path: str
+    format: Literal["imagefolder", "webdataset"] = "imagefolder"
+    group: Literal["near", "far"] = "far"
+
+
+class DataConfig(_Section):
+    source: Literal["digits", "imagefolder", "cifar10"] = "digits"
+    path: str | None = Field(None, description="Dataset root for imagefolder / cifar10.")
+    image_size: int = Field(16, ge=8, le=512)
+    channels: Literal[1, 3] = 1
+    id_classes: list[int] | None = Field(
+        None, description="Keep only these classes as ID (open-set split); None = all.")
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    shard_size: int = Field(512, ge=1)
+    ood_sets: list[BuiltinOOD] = Field(
+        default_factory=lambda: ["textures", "photos", "gaussian", "uniform", "rademacher",
+                                 "blobs", "openset"])
+    ood_samples: int = Field(300, ge=8, description="Images per built-in OOD set.")
+    extra_ood: list[OODSetSource] = Field(default_factory=list)
+    near_ood: list[str] = Field(default_factory=lambda: ["openset"])
+
+    @model_validator(mode="after")
+    def _paths_needed(self) -> DataConfig:
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required when data.source={self.source!r}")
+        if self.id_classes is not None and len(set(self.id_classes)) < 2:
+            raise ValueError("data.id_classes needs at least two distinct classes")
+        if "openset" in self.ood_sets and self.id_classes is None:
+            raise ValueError("data.ood_sets contains 'openset' but data.id_classes is unset: "
+                             "set data.id_classes to the ID classes (e.g. [0,1,2,3,4,5])")
+        return self
+
+
+class WorkerConfig(_Section):
+    """How a Ray Train stage is spread: fractional CPUs keep 2-core machines from starving."""
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
+    mixed_precision: MixedPrecision = "no"
+
+
+class DiffusionConfig(WorkerConfig):
+    num_workers: int = Field(1, ge=1)
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 32])
+    layers_per_block: int = Field(1, ge=1)
+    attention: bool = Field(False, description="Self-attention at the lowest resolution.")
+    timesteps: int = Field(1000, ge=10)
+    p_uncond: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _channels(cls, v: list[int]) -> list[int]:
+        if not v or any(c < 8 or c % 8 for c in v):
+            raise ValueError("each entry must be a multiple of 8 (GroupNorm groups), at least one")
+        return v
+
+
+class LambdaConfig(_Section):
+    """Distribution of the label-mixup weight lambda."""
+
+    kind: Literal["fixed", "uniform", "beta"] = "fixed"
+    value: float = Field(0.5, ge=0.0, le=1.0)
+    low: float = Field(0.3, ge=0.0, le=1.0)
+    high: float = Field(0.7, ge=0.0, le=1.0)
+    alpha: float = Field(2.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _interval(self) -> LambdaConfig:
+        if self.kind == "uniform" and self.low > self.high:
+            raise ValueError("generate.lam.low must be <= generate.lam.high")
+        return self
+
+
+class GenerateConfig(_Section):
+    num_shards: int = Field(4, ge=1)
+    samples_per_shard: int = Field(256, ge=1)
+    lam: LambdaConfig = Field(default_factory=LambdaConfig)
+    mode: Literal["mix", "sum"] = "mix"
+    guidance: float = Field(3.0, ge=0.0)
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=1)
+    concurrency: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0.0)
+    use_gpu: bool | None = None
+    grid_per_class: int = Field(6, ge=1)
+
+
+class TrainConfig(WorkerConfig):
+    losses: list[LossName] = Field(default_factory=lambda: ["softmax", "arcface"])
+    outliers: list[OutlierSource] = Field(default_factory=lambda: ["none", "labelmix"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    backbone: Literal["smallcnn", "resnet18", "resnet50", "wrn40_2"] = "smallcnn"
+    embedding_dim: int = Field(64, ge=2)
+    head_options: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {"arcface": {"margin": 28.6, "scale": 16.0},
+                                 "cosface": {"margin": 0.2, "scale": 16.0},
+                                 "sphereface": {"margin": 2.0, "scale": 1.0}},
+        description="Per-loss constructor options (pytorch-metric-learning units).")
+    epochs: int = Field(15, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="None = one pass over ID data.")
+    batch_size: int = Field(64, ge=2, description="ID images per worker per step.")
+    outlier_batch_size: int = Field(64, ge=1, description="Outliers per worker per step.")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    lambda_oe: float = Field(0.5, ge=0.0)
+
+    @field_validator("losses", "outliers", "seeds")
+    @classmethod
+    def _non_empty(cls, v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError("must list at least one entry")
+        return v
+
+
+class EvaluateConfig(_Section):
+    scores: list[ScoreName] = Field(
+        default_factory=lambda: ["msp", "maxlogit", "energy", "maxcos"])
+    batch_size: int = Field(512, ge=1)
+    concurrency: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0.0)
+
+
+class ExperimentConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    seed: int = 0
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of ID classes the classifier and the DDPM are conditioned on."""
+        if self.data.id_classes is not None:
+            return len(self.data.id_classes)
+        return {"digits": 10, "cifar10": 10}.get(self.data.source, 0)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Turn `a.b=value` strings into (key, YAML-typed value) pairs."""
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        pairs.append((key, yaml.safe_load(raw) if raw else None))
+    return pairs
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against configs/digits.yaml)"
+        lines.append(f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """Validate a config tree after applying dotted overrides."""
+    tree = dict(tree)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment; its file stem is the experiment name unless `name` is set."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (try configs/digits.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree)}")
+    tree.setdefault("name", path.stem)
+    return build_config(tree, overrides)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, num_workers: int) -> int:
+    """Fixed step count per epoch so every DDP rank takes the same number of steps."""
+    return max(1, math.floor(num_samples / (batch_size * num_workers)))

@@ -1,0 +1,56 @@
+"""The prepare stage: ID train/test shards and every OOD test set, each with its manifest."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from oodscale.config import ExperimentConfig
+from oodscale.data import builtin
+from oodscale.data.shards import Manifest, try_read_manifest, write_split
+from oodscale.runtime import RunLayout
+
+
+def _write_id(layout: RunLayout, cfg: ExperimentConfig, split: str, data: builtin.Split) -> None:
+    manifest = Manifest(kind="id", split=split, image_size=cfg.data.image_size,
+                        channels=cfg.data.channels, class_names=data.class_names,
+                        extra={"source": cfg.data.source, "id_classes": cfg.data.id_classes})
+    metas = [{"label": int(y)} for y in data.labels]
+    write_split(layout.storage, layout.id_split(split), split, data.images, metas,
+                cfg.data.shard_size, manifest)
+
+
+def _write_ood(layout: RunLayout, cfg: ExperimentConfig, name: str, images: np.ndarray) -> None:
+    group = "near" if name in cfg.data.near_ood else "far"
+    manifest = Manifest(kind="ood", split=name, image_size=cfg.data.image_size,
+                        channels=cfg.data.channels, class_names=[],
+                        extra={"group": group, "source": "builtin"})
+    metas = [{"label": -1} for _ in range(len(images))]
+    write_split(layout.storage, layout.ood_set(name), name, images, metas,
+                cfg.data.shard_size, manifest)
+
+
+def prepare(cfg: ExperimentConfig, layout: RunLayout, force: bool = False) -> list[str]:
+    """Write ID and OOD shards; skips directories whose manifest exists unless `force`.
+
+    Returns the names of the directories written, for the job's summary line.
+    """
+    if cfg.data.source != "digits":
+        from oodscale.data.sources import prepare_external
+
+        return prepare_external(cfg, layout, force)
+    storage = layout.storage
+    written: list[str] = []
+    train, test, held = builtin.digits_splits(cfg.data.image_size, cfg.data.channels,
+                                              cfg.data.test_fraction, cfg.seed,
+                                              cfg.data.id_classes)
+    for split, data in (("train", train), ("test", test)):
+        if force or try_read_manifest(storage, layout.id_split(split)) is None:
+            _write_id(layout, cfg, split, data)
+            written.append(f"id/{split} ({len(data.images)} images)")
+    for name in cfg.data.ood_sets:
+        if force or try_read_manifest(storage, layout.ood_set(name)) is None:
+            images = builtin.builtin_ood(name, cfg.data.ood_samples, cfg.data.image_size,
+                                         cfg.data.channels, cfg.seed, held)
+            _write_ood(layout, cfg, name, images)
+            written.append(f"ood/{name} ({len(images)} images)")
+    return written

@@ -1,0 +1,125 @@
+"""The generate stage: label-mixup outliers fanned out over a Ray Data actor pool.
+
+Rows are shard indices; finished shards are appended to the manifest as they arrive (each
+rewrite atomic), so an interrupted run keeps its work and a rerun draws only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from oodscale.config import ExperimentConfig
+from oodscale.data.shards import Manifest, ShardInfo, try_read_manifest, write_manifest
+from oodscale.diffusion.mixup import one_hot
+from oodscale.diffusion.model import LabelConditionedUNet
+from oodscale.diffusion.sample import ShardSampler, draw_labelmix, make_sampler, sample_images
+from oodscale.diffusion.train import MODEL_CARD
+from oodscale.runtime import RunLayout, resolve_use_gpu
+
+
+def _generation_params(cfg: ExperimentConfig, card: dict[str, Any]) -> dict[str, Any]:
+    """What determines the shard contents; a rerun must match it to resume."""
+    gen = cfg.generate
+    return {"seed": cfg.seed, "model": card["model_hash"], "samples_per_shard":
+            gen.samples_per_shard, "lam": gen.lam.model_dump(), "mode": gen.mode,
+            "guidance": gen.guidance, "sampler": gen.sampler, "steps": gen.steps}
+
+
+def read_model_card(layout: RunLayout) -> dict[str, Any]:
+    path = f"{layout.diffusion_dir}/{MODEL_CARD}"
+    if not layout.storage.exists(path):
+        raise FileNotFoundError(f"no trained DDPM at {layout.storage.uri_of(layout.diffusion_dir)}"
+                                f": run `oodscale train-diffusion` first")
+    return json.loads(layout.storage.read_bytes(path))
+
+
+def generate(cfg: ExperimentConfig, layout: RunLayout) -> Manifest:
+    """Draw every missing synthetic shard, keep the manifest current, then draw the grid."""
+    import ray.data
+
+    storage, gen = layout.storage, cfg.generate
+    card = read_model_card(layout)
+    params = _generation_params(cfg, card)
+    manifest = try_read_manifest(storage, layout.synthetic_dir)
+    if manifest is not None and manifest.extra.get("params") != params:
+        raise ValueError(f"{storage.uri_of(layout.synthetic_dir)} holds shards drawn with other "
+                         f"settings ({manifest.extra.get('params')}); delete that directory or "
+                         f"set storage.root / name to a new location")
+    if manifest is None:
+        manifest = Manifest(kind="synthetic", split="labelmix", image_size=card["image_size"],
+                            channels=card["channels"], class_names=card["class_names"],
+                            extra={"params": params, "num_shards": gen.num_shards})
+    done = {int(s.path.split("-")[-1].split(".")[0]) for s in manifest.shards}
+    todo = [i for i in range(gen.num_shards) if i not in done]
+    if todo:
+        storage.makedirs(layout.synthetic_dir)
+        use_gpu = resolve_use_gpu(gen.use_gpu)
+        rows = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        rows = rows.map_batches(
+            ShardSampler, batch_size=1, concurrency=min(gen.concurrency, len(todo)),
+            num_cpus=gen.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+            fn_constructor_kwargs={
+                "storage_root": storage.uri, "model_dir": f"{layout.diffusion_dir}/unet",
+                "out_dir": layout.synthetic_dir, "gen": gen.model_dump(),
+                "timesteps": card["timesteps"], "run_seed": cfg.seed,
+                "model_hash": card["model_hash"], "use_gpu": use_gpu})
+        for row in tqdm(rows.iter_rows(), total=len(todo), desc="synthetic shards", unit="shard"):
+            manifest.shards.append(ShardInfo(path=row["path"], count=int(row["count"]),
+                                             sha256=row["sha256"]))
+            manifest.shards.sort(key=lambda s: s.path)
+            write_manifest(storage, layout.synthetic_dir, manifest)
+    write_grid(cfg, layout, card)
+    return manifest
+
+
+def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any]) -> str:
+    """PNG grid: per class a row of ID samples, beside rows of label-mixup samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gen = cfg.generate
+    with tempfile.TemporaryDirectory() as tmp:
+        local = layout.storage.fetch_dir(f"{layout.diffusion_dir}/unet", Path(tmp))
+        model = LabelConditionedUNet.from_pretrained(local).eval()
+    classes, per = card["num_classes"], gen.grid_per_class
+    labels = one_hot(torch.arange(classes).repeat_interleave(per), classes)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    scheduler = make_sampler(gen.sampler, card["timesteps"], gen.steps)
+    id_images = sample_images(model, labels, gen.guidance, scheduler, generator)
+    id_images = id_images.add(1).div(2).permute(0, 2, 3, 1).numpy()
+    mix_images, metas = draw_labelmix(model, gen, card["timesteps"], cfg.seed + 1, classes * per)
+    fig, axes = plt.subplots(classes, 2 * per, figsize=(2 * per * 0.9, classes * 0.95))
+    axes = np.atleast_2d(axes)
+    names = card["class_names"]
+    for r in range(classes):
+        for c in range(per):
+            _show(axes[r, c], id_images[r * per + c], f"{names[r]}" if c == 0 else "")
+            k = r * per + c
+            m = metas[k]
+            _show(axes[r, per + c], mix_images[k] / 255.0,
+                  f"{names[m['a']]}+{names[m['b']]}")
+    fig.suptitle(f"left: ID samples per class | right: label-mixup outliers "
+                 f"(guidance {gen.guidance}, mode {gen.mode})", fontsize=8)
+    fig.tight_layout()
+    out = f"{layout.synthetic_dir}/grid.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "grid.png"
+        fig.savefig(path, dpi=110)
+        layout.storage.write_bytes_atomic(out, path.read_bytes())
+    plt.close(fig)
+    return out
+
+
+def _show(ax, image: np.ndarray, title: str) -> None:
+    ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=6, pad=1)
+    ax.axis("off")

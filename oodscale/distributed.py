@@ -1,0 +1,105 @@
+"""Ray Train plumbing shared by the DDPM and classifier stages.
+
+Both stages run a `TorchTrainer` whose loop builds an Accelerate `Accelerator` (which picks up
+the process group Ray Train set up), prepares model and optimizer only, streams Ray Data shards,
+and reports checkpoints from rank 0 while every rank reports metrics (Ray Train V2).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from oodscale.config import WorkerConfig
+from oodscale.runtime import RunLayout, resolve_use_gpu
+
+STATE_FILE = "state.json"
+
+
+def make_accelerator(mixed_precision: str, use_gpu: bool):
+    """An Accelerator inside a Ray Train worker; bf16 on GPU is the scale-out setting."""
+    from accelerate import Accelerator
+
+    precision = mixed_precision if use_gpu else ("bf16" if mixed_precision == "bf16" else "no")
+    return Accelerator(mixed_precision=precision, cpu=not use_gpu)
+
+
+def run_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+                datasets: dict[str, Any], workers: WorkerConfig, layout: RunLayout,
+                name: str):
+    """Fit a TorchTrainer; a rerun with the same name resumes from its last checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = resolve_use_gpu(workers.use_gpu)
+    resources = {"CPU": workers.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    storage = layout.storage
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={**loop_config, "use_gpu": use_gpu},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=layout.ray_train_dir, storage_filesystem=storage.fs,
+            failure_config=ray.train.FailureConfig(max_failures=1)),
+        datasets=datasets,
+    )
+    return trainer.fit()
+
+
+@contextmanager
+def resumed_state() -> Iterator[tuple[Path | None, dict[str, Any]]]:
+    """The latest checkpoint's directory and its state (epoch, step), or (None, {})."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None, {}
+        return
+    with checkpoint.as_directory() as directory:
+        path = Path(directory)
+        yield path, json.loads((path / STATE_FILE).read_text())
+
+
+def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] | None) -> None:
+    """Every rank reports metrics; rank 0 alone writes and attaches a checkpoint."""
+    import ray.train
+
+    if write is None or not accelerator.is_main_process:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory)
+        write(path)
+        (path / STATE_FILE).write_text(json.dumps(metrics, sort_keys=True))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def copy_checkpoint(result, layout: RunLayout, destination: str) -> None:
+    """Publish the trainer's final checkpoint at `destination` (local or remote).
+
+    Files land in a staging directory first and are moved into place together, so a reader
+    never sees a half-copied checkpoint.
+    """
+    import pyarrow.fs as pafs
+
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
+    storage = layout.storage
+    staging = f"{destination}.partial"
+    if storage.exists(staging):
+        storage.fs.delete_dir(staging)
+    storage.makedirs(staging)
+    pafs.copy_files(result.checkpoint.path, staging,
+                    source_filesystem=result.checkpoint.filesystem,
+                    destination_filesystem=storage.fs)
+    if storage.exists(destination):
+        storage.fs.delete_dir(destination)
+    storage.fs.move(staging, destination)

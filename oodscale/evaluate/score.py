@@ -1,0 +1,168 @@
+"""The evaluate stage: Ray Data scores every test sample under every classifier.
+
+A `Scorer` actor loads one classifier once (and fits kNN / Mahalanobis statistics on the ID
+training embeddings when asked), then maps batches of test images to per-score values. The
+driver writes the long `scores.parquet`, aggregates `results.parquet`, and renders the report.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from oodscale.classify.checkpoints import CARD, load_classifier
+from oodscale.classify.train import grid
+from oodscale.config import ExperimentConfig
+from oodscale.data.shards import iter_samples, read_manifest, shard_paths
+from oodscale.data.streams import read_shards, to_model_input
+from oodscale.evaluate.detectors import compute_scores, fit_features
+from oodscale.evaluate.report import aggregate, write_report
+from oodscale.runtime import RunLayout, open_storage
+
+NEEDS_TRAIN_FEATURES = {"knn", "mahalanobis"}
+
+
+class Scorer:
+    """Ray Data callable class: one classifier loaded once per actor."""
+
+    def __init__(self, storage_root: str, classifier_dir: str, train_dir: str,
+                 score_names: list[str], batch_size: int):
+        storage = open_storage(storage_root)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model, self.card = load_classifier(storage.fetch_dir(classifier_dir, Path(tmp)))
+        self.names = score_names
+        self.fitted = None
+        if NEEDS_TRAIN_FEATURES & set(score_names):
+            self.fitted = self._fit(storage, train_dir, batch_size)
+
+    @torch.no_grad()
+    def _embed(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_model_input(torch.as_tensor(images))
+        return self.model.embed_and_logits(x)
+
+    def _fit(self, storage, train_dir: str, batch_size: int):
+        """kNN / Mahalanobis statistics from ID training embeddings, embedded in chunks."""
+        embeddings, labels, chunk = [], [], []
+        manifest = read_manifest(storage, train_dir)
+        for path in shard_paths(storage, train_dir, manifest):
+            for _, image, meta in iter_samples(storage, path):
+                chunk.append(image.transpose(2, 0, 1))
+                labels.append(meta["label"])
+                if len(chunk) == batch_size:
+                    embeddings.append(self._embed(np.stack(chunk))[1])
+                    chunk = []
+        if chunk:
+            embeddings.append(self._embed(np.stack(chunk))[1])
+        return fit_features(torch.cat(embeddings), torch.as_tensor(labels))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        logits, emb = self._embed(batch["image"])
+        scores = compute_scores(self.names, logits, emb, self.model.head.class_weights,
+                                self.fitted)
+        out = {"dataset": batch["dataset"], "label": batch["label"],
+               "pred": logits.argmax(1).numpy()}
+        out.update({f"score_{k}": v for k, v in scores.items()})
+        return out
+
+
+def test_sets(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
+    """Name → shard directory of the ID test split and every OOD set of this experiment."""
+    sets = {"id": layout.id_split("test")}
+    for name in [*cfg.data.ood_sets, *(s.name for s in cfg.data.extra_ood)]:
+        sets[name] = layout.ood_set(name)
+    return sets
+
+
+def _test_dataset(layout: RunLayout, sets: dict[str, str]):
+    parts = []
+    for name, directory in sets.items():
+        ds, _ = read_shards(layout.storage, directory)
+        parts.append(ds.map_batches(_tag, fn_kwargs={"name": name}, batch_format="numpy"))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _tag(batch: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    batch["dataset"] = np.full(len(batch["label"]), name)
+    return batch
+
+
+def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
+    """The long scores frame for every finished classifier of the grid."""
+    storage = layout.storage
+    sets = test_sets(cfg, layout)
+    data = _test_dataset(layout, sets).materialize()
+    frames = []
+    for spec in grid(cfg):
+        directory = layout.classifier_dir(spec.name)
+        if not storage.exists(f"{directory}/{CARD}"):
+            raise FileNotFoundError(f"classifier {spec.name} has not been trained "
+                                    f"({storage.uri_of(directory)}); run `oodscale train` first")
+        scored = data.map_batches(
+            Scorer, batch_size=cfg.evaluate.batch_size, concurrency=cfg.evaluate.concurrency,
+            num_cpus=cfg.evaluate.cpus_per_actor, batch_format="numpy",
+            fn_constructor_kwargs={"storage_root": storage.uri, "classifier_dir": directory,
+                                   "train_dir": layout.id_split("train"),
+                                   "score_names": list(cfg.evaluate.scores),
+                                   "batch_size": cfg.evaluate.batch_size}).to_pandas()
+        long = scored.melt(id_vars=["dataset", "label", "pred"], var_name="score_name",
+                           value_name="score")
+        long["score_name"] = long["score_name"].str.removeprefix("score_")
+        long = long.assign(run=spec.name, loss=spec.loss, outliers=spec.outliers,
+                           seed=spec.seed, is_ood=long["dataset"] != "id")
+        frames.append(long)
+    columns = ["run", "loss", "outliers", "seed", "score_name", "dataset", "is_ood", "score",
+               "label", "pred"]
+    scores = pd.concat(frames, ignore_index=True)[columns]
+    return scores.astype({"seed": "int64", "label": "int64", "pred": "int64",
+                          "score": "float64", "is_ood": "bool"})
+
+
+def ood_groups(cfg: ExperimentConfig) -> dict[str, str]:
+    groups = {name: ("near" if name in cfg.data.near_ood else "far") for name in cfg.data.ood_sets}
+    groups.update({s.name: s.group for s in cfg.data.extra_ood})
+    return groups
+
+
+def _write_parquet(layout: RunLayout, name: str, frame: pd.DataFrame) -> None:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    layout.storage.write_bytes_atomic(f"{layout.eval_dir}/{name}", buf.getvalue())
+
+
+def evaluate(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
+    """Score, aggregate and report; returns the summary table and where the files are."""
+    scores = score_runs(cfg, layout)
+    _write_parquet(layout, "scores.parquet", scores)
+    results = aggregate(scores, ood_groups(cfg))
+    _write_parquet(layout, "results.parquet", results)
+    summary = render_report(cfg, layout, results, scores)
+    return {"summary": summary, "eval_dir": layout.storage.uri_of(layout.eval_dir),
+            "runs": int(results["run"].nunique())}
+
+
+def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFrame,
+                  scores: pd.DataFrame) -> str:
+    """report.md and plots/ from the two frames alone, written under eval/ (local or remote)."""
+    storage = layout.storage
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        extra = {}
+        grid_png = f"{layout.synthetic_dir}/grid.png"
+        if storage.exists(grid_png):
+            local_grid = out / "plots" / "outlier_grid.png"
+            local_grid.parent.mkdir(parents=True, exist_ok=True)
+            local_grid.write_bytes(storage.read_bytes(grid_png))
+            extra["Label-mixup outliers beside ID samples"] = str(local_grid)
+        summary = write_report(results, scores, str(out), title=f"oodscale — {cfg.name}",
+                               extra_images=extra)
+        for path in sorted(out.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(out).as_posix()
+                storage.write_bytes_atomic(f"{layout.eval_dir}/{rel}", path.read_bytes())
+    return summary

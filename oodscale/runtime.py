@@ -1,0 +1,179 @@
+"""Where a job runs and where it writes: Ray start/connect, the storage root, seeding.
+
+Locally a job starts its own Ray; given an address (flag, config or RAY_ADDRESS) it joins a
+cluster instead, which is the same code path `ray job submit` and a KubeRay RayJob use.
+Storage goes through pyarrow filesystems so a root may be a local path, file://, s3:// or gs://.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from oodscale.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A pyarrow filesystem plus a base path inside it; paths are '/'-joined strings."""
+
+    fs: pafs.FileSystem
+    base: str
+    uri: str
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *parts])
+
+    def uri_of(self, path: str) -> str:
+        """A URI for `path` that Ray Data and other processes can open on their own."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return path
+        scheme = self.uri.split("://", 1)[0]
+        return f"{scheme}://{path}"
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Write via a temp name then rename, so readers never see a half-written file."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def fetch_dir(self, path: str, scratch: Path) -> Path:
+        """A local directory holding `path`'s files: itself when local, else a copy in scratch."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return Path(path)
+        pafs.copy_files(path, str(scratch), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return scratch
+
+    def makedirs(self, path: str) -> None:
+        self.fs.create_dir(path, recursive=True)
+
+
+def open_storage(root: str) -> Storage:
+    """Resolve a storage root URI or local path to a pyarrow filesystem."""
+    if "://" in root and not root.startswith("file://"):
+        fs, base = pafs.FileSystem.from_uri(root)
+        return Storage(fs=fs, base=base, uri=root)
+    local = root[len("file://"):] if root.startswith("file://") else root
+    base = str(Path(local).expanduser().resolve())
+    return Storage(fs=pafs.LocalFileSystem(), base=base, uri=base)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The run root of one experiment: `<root>/<experiment>/{data,diffusion,synthetic,...}`."""
+
+    storage: Storage
+    experiment: str
+
+    def _p(self, *parts: str) -> str:
+        return self.storage.path(self.experiment, *parts)
+
+    @property
+    def id_dir(self) -> str:
+        return self._p("data", "id")
+
+    def id_split(self, split: str) -> str:
+        return self._p("data", "id", split)
+
+    def ood_set(self, name: str) -> str:
+        return self._p("data", "ood", name)
+
+    @property
+    def ood_dir(self) -> str:
+        return self._p("data", "ood")
+
+    @property
+    def diffusion_dir(self) -> str:
+        return self._p("diffusion")
+
+    @property
+    def synthetic_dir(self) -> str:
+        return self._p("synthetic")
+
+    def classifier_dir(self, run: str) -> str:
+        return self._p("classifiers", run)
+
+    @property
+    def classifiers_dir(self) -> str:
+        return self._p("classifiers")
+
+    @property
+    def eval_dir(self) -> str:
+        return self._p("eval")
+
+    @property
+    def ray_train_dir(self) -> str:
+        return self._p("ray_train")
+
+
+def layout_for(cfg: ExperimentConfig) -> RunLayout:
+    return RunLayout(storage=open_storage(cfg.storage.root), experiment=cfg.name)
+
+
+def local_path(layout: RunLayout, path: str) -> Path:
+    """A local filesystem path for a storage path; only valid for local roots."""
+    if not isinstance(layout.storage.fs, pafs.LocalFileSystem):
+        raise ValueError(f"{path} is on remote storage; this step needs a local path")
+    return Path(path)
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (run seed, shard index, ...): same input, same seed."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
+    """Join the cluster at `address` / config / RAY_ADDRESS, or start a local one sized for CI."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if target:
+        ray.init(address=target, runtime_env=env, log_to_driver=True)
+        return
+    cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    ray.init(
+        num_cpus=cpus,
+        object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+        include_dashboard=False,
+        runtime_env=env,
+        log_to_driver=True,
+    )
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def resolve_use_gpu(flag: bool | None) -> bool:
+    return cluster_has_gpus() if flag is None else flag
