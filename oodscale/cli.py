@@ -97,7 +97,7 @@ def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
 
 
 STAGES: dict[str, Stage] = {**dict(PIPELINE), "run": _run, "report": _report, "verify": _verify}
-NEEDS_RAY = {"train-diffusion", "generate", "train", "evaluate", "run"}
+NEEDS_RAY = {"prepare", "train-diffusion", "generate", "train", "evaluate", "run"}
 
 
 def _timed(name: str, stage: Stage, cfg: ExperimentConfig, layout: RunLayout) -> str:

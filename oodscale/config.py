@@ -61,7 +61,7 @@ class DataConfig(_Section):
     shard_size: int = Field(512, ge=1)
     ood_sets: list[BuiltinOOD] = Field(
         default_factory=lambda: ["textures", "photos", "gaussian", "uniform", "rademacher",
-                                 "blobs", "openset"])
+                                 "blobs"])
     ood_samples: int = Field(300, ge=8, description="Images per built-in OOD set.")
     extra_ood: list[OODSetSource] = Field(default_factory=list)
     near_ood: list[str] = Field(default_factory=lambda: ["openset"])

@@ -72,6 +72,10 @@ def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] |
     """Every rank reports metrics; rank 0 alone writes and attaches a checkpoint."""
     import ray.train
 
+    if accelerator.is_main_process:
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in metrics.items())
+        print(f"[oodscale] {shown}", flush=True)
     if write is None or not accelerator.is_main_process:
         ray.train.report(metrics)
         return

@@ -155,7 +155,9 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     if ray.is_initialized():
         return
     target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    quiet = {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    os.environ.update(quiet)  # the driver's own progress bars are ours (tqdm), not Ray Data's
+    env = {"env_vars": quiet}
     if target:
         ray.init(address=target, runtime_env=env, log_to_driver=True)
         return

@@ -7,6 +7,7 @@ import numpy as np
 from oodscale.config import ExperimentConfig
 from oodscale.data import builtin
 from oodscale.data.shards import Manifest, try_read_manifest, write_split
+from oodscale.data.sources import prepare_external, prepare_extra_ood
 from oodscale.runtime import RunLayout
 
 
@@ -29,28 +30,36 @@ def _write_ood(layout: RunLayout, cfg: ExperimentConfig, name: str, images: np.n
                 cfg.data.shard_size, manifest)
 
 
+def _prepare_digits(cfg: ExperimentConfig, layout: RunLayout, force: bool,
+                    ) -> tuple[list[str], builtin.Split]:
+    written = []
+    train, test, held = builtin.digits_splits(cfg.data.image_size, cfg.data.channels,
+                                              cfg.data.test_fraction, cfg.seed,
+                                              cfg.data.id_classes)
+    for split, data in (("train", train), ("test", test)):
+        if force or try_read_manifest(layout.storage, layout.id_split(split)) is None:
+            _write_id(layout, cfg, split, data)
+            written.append(f"id/{split} ({len(data.images)} images)")
+    return written, held
+
+
 def prepare(cfg: ExperimentConfig, layout: RunLayout, force: bool = False) -> list[str]:
     """Write ID and OOD shards; skips directories whose manifest exists unless `force`.
 
     Returns the names of the directories written, for the job's summary line.
     """
-    if cfg.data.source != "digits":
-        from oodscale.data.sources import prepare_external
-
-        return prepare_external(cfg, layout, force)
-    storage = layout.storage
-    written: list[str] = []
-    train, test, held = builtin.digits_splits(cfg.data.image_size, cfg.data.channels,
-                                              cfg.data.test_fraction, cfg.seed,
-                                              cfg.data.id_classes)
-    for split, data in (("train", train), ("test", test)):
-        if force or try_read_manifest(storage, layout.id_split(split)) is None:
-            _write_id(layout, cfg, split, data)
-            written.append(f"id/{split} ({len(data.images)} images)")
+    if cfg.data.source == "digits":
+        written, held = _prepare_digits(cfg, layout, force)
+    else:
+        if "openset" in cfg.data.ood_sets:
+            raise ValueError("the built-in 'openset' OOD set is the held-out digits; for "
+                             f"data.source={cfg.data.source} remove it from data.ood_sets and "
+                             "add the held-out classes as data.extra_ood")
+        written, held = prepare_external(cfg, layout, force), None
     for name in cfg.data.ood_sets:
-        if force or try_read_manifest(storage, layout.ood_set(name)) is None:
+        if force or try_read_manifest(layout.storage, layout.ood_set(name)) is None:
             images = builtin.builtin_ood(name, cfg.data.ood_samples, cfg.data.image_size,
                                          cfg.data.channels, cfg.seed, held)
             _write_ood(layout, cfg, name, images)
             written.append(f"ood/{name} ({len(images)} images)")
-    return written
+    return written + prepare_extra_ood(cfg, layout, force)

@@ -63,7 +63,8 @@ def generate(cfg: ExperimentConfig, layout: RunLayout) -> Manifest:
         use_gpu = resolve_use_gpu(gen.use_gpu)
         rows = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         rows = rows.map_batches(
-            ShardSampler, batch_size=1, concurrency=min(gen.concurrency, len(todo)),
+            ShardSampler, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(gen.concurrency, len(todo))),
             num_cpus=gen.cpus_per_actor, num_gpus=1 if use_gpu else 0,
             fn_constructor_kwargs={
                 "storage_root": storage.uri, "model_dir": f"{layout.diffusion_dir}/unet",

@@ -94,6 +94,8 @@ def _tag(batch: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
 
 def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
     """The long scores frame for every finished classifier of the grid."""
+    import ray.data
+
     storage = layout.storage
     sets = test_sets(cfg, layout)
     data = _test_dataset(layout, sets).materialize()
@@ -104,7 +106,8 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
             raise FileNotFoundError(f"classifier {spec.name} has not been trained "
                                     f"({storage.uri_of(directory)}); run `oodscale train` first")
         scored = data.map_batches(
-            Scorer, batch_size=cfg.evaluate.batch_size, concurrency=cfg.evaluate.concurrency,
+            Scorer, batch_size=cfg.evaluate.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.concurrency),
             num_cpus=cfg.evaluate.cpus_per_actor, batch_format="numpy",
             fn_constructor_kwargs={"storage_root": storage.uri, "classifier_dir": directory,
                                    "train_dir": layout.id_split("train"),

@@ -1,0 +1,20 @@
+"""Shared fixtures: one real local Ray cluster per test session, sized for a 2-core machine."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray with more logical CPUs than cores so fractional workers never starve."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    yield ray
+    ray.shutdown()

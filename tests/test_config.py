@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from oodscale.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+
+
+def test_digits_config_loads_with_name_from_file():
+    cfg = load_config(DIGITS)
+    assert cfg.name == "digits"
+    assert cfg.num_classes == 6
+    assert cfg.train.losses == ["softmax", "arcface"]
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(DIGITS, ["train.epochs=3", "generate.lam.kind=beta", "train.lr=0.01",
+                               "train.losses=[cosface]", "storage.root=s3://bucket/x"])
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.generate.lam.kind == "beta"
+    assert cfg.train.lr == pytest.approx(0.01)
+    assert cfg.train.losses == ["cosface"]
+    assert cfg.storage.root == "s3://bucket/x"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epocs=3", "train.epocs"),          # unknown key
+    ("train.epochs=many", "train.epochs"),     # wrong type
+    ("train.epochs=0", "train.epochs"),        # impossible value
+    ("data.test_fraction=1.5", "data.test_fraction"),
+    ("train.losses=[softmax,bogus]", "train.losses.1"),
+    ("generate.guidance=-1", "generate.guidance"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(DIGITS, [override])
+    assert key in str(err.value)
+
+
+def test_unknown_loss_lists_valid_names():
+    with pytest.raises(ConfigError) as err:
+        load_config(DIGITS, ["train.losses=[bogus]"])
+    assert "arcface" in str(err.value) and "softmax" in str(err.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(DIGITS, ["train.epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_openset_requires_id_classes():
+    with pytest.raises(ConfigError, match="id_classes"):
+        load_config(DIGITS, ["data.id_classes=null"])
