@@ -1034,11 +1034,14 @@ def test_entrypoints(profile: str) -> None:
                 if role != "submitter":
                     assert any(root.startswith(p.rstrip("/") + "/") for p in _mount_paths(template))
         # Parallelism in the entry point agrees with the GPUs the cluster has.
-        values = overrides(entry)
-        if values.get("train.use_gpu") == "true":
-            assert int(values["train.num_workers"]) == _total_gpus(job), stage
-        if "generate.concurrency" in values and _total_gpus(job):
-            assert int(values["generate.concurrency"]) == _total_gpus(job), stage
+        values, total = overrides(entry), _total_gpus(job)
+        for section in ("diffusion", "train"):
+            if values.get(f"{section}.use_gpu") == "true":
+                assert int(values.get(f"{section}.num_workers", 0)) == total, (stage, section)
+        if values.get("generate.use_gpu") == "true":
+            assert int(values["generate.concurrency"]) == total, stage
+        if total == 0:
+            assert all(v == "false" for k, v in values.items() if k.endswith(".use_gpu")), stage
 
 
 def test_base_profile() -> None:
@@ -1065,6 +1068,8 @@ def test_gpu_profile() -> None:
     train = overrides(gpu["train"]["spec"]["entrypoint"])
     assert train["train.mixed_precision"] == "bf16"
     assert train["train.use_gpu"] == "true"
+    diffusion = overrides(gpu["train-diffusion"]["spec"]["entrypoint"])
+    assert diffusion["diffusion.mixed_precision"] == "bf16"
     for stage in ("train", "generate"):
         assert _total_gpus(gpu[stage]) > _total_gpus(base[stage]), f"{stage}: no more GPUs"
     objects = rendered("gpu")
@@ -1099,7 +1104,9 @@ def test_cpu_small_profile() -> None:
     for stage, job in stage_jobs(objects).items():
         entry = " ".join(job["spec"]["entrypoint"].split())
         assert _ENTRYPOINT.fullmatch(entry).group("config") == "digits", stage
-        assert overrides(entry).get("train.use_gpu", "false") == "false"
+        section = {"train-diffusion": "diffusion", "generate": "generate", "train": "train"}
+        if stage in section:  # explicit: the default "use GPUs if the cluster has any"
+            assert overrides(entry)[f"{section[stage]}.use_gpu"] == "false", stage
     for obj in objects:
         for role, template, _ in pod_templates(obj):
             for container in containers(template):
