@@ -68,16 +68,20 @@ def ray_head():
 
 
 def _submit(address: str, env: dict, script: str, args: list[str]) -> str:
-    job_id = f"oodscale-{script.split('.')[0]}-{uuid.uuid4().hex[:6]}"
     runtime_env = json.dumps({"excludes": [".venv", "runs", ".git", "*.egg-info"]})
-    done = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
-         "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
-         sys.executable, f"jobs/{script}", "--config", "configs/digits.yaml", *args],
-        env=env, capture_output=True, text=True, timeout=540)
+    for _ in range(30):  # the head's job agent comes up a little after its HTTP server
+        job_id = f"oodscale-{script.split('.')[0]}-{uuid.uuid4().hex[:6]}"
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
+             "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
+             sys.executable, f"jobs/{script}", "--config", "configs/digits.yaml", *args],
+            env=env, capture_output=True, text=True, timeout=540)
+        if "No available agent" not in done.stderr:
+            break
+        time.sleep(2)
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id],
                             env=env, capture_output=True, text=True)
-    assert "SUCCEEDED" in status.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in status.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
     assert done.returncode == 0
     return done.stdout
 
