@@ -37,13 +37,17 @@ def ray_head():
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the ray CLI is not installed next to this Python")
     dash = _free_port()
+    # Every agent port gets a free one, so this head can live beside the session's local Ray.
+    agent_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
     temp_dir = Path("/tmp") / f"oe2e{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--port=0", "--num-cpus=4",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--object-store-memory=200000000", f"--temp-dir={temp_dir}"],
+         "--object-store-memory=200000000", f"--temp-dir={temp_dir}", *agent_ports],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -69,7 +73,7 @@ def ray_head():
 
 def _submit(address: str, env: dict, script: str, args: list[str]) -> str:
     runtime_env = json.dumps({"excludes": [".venv", "runs", ".git", "*.egg-info"]})
-    for _ in range(30):  # the head's job agent comes up a little after its HTTP server
+    for _ in range(20):  # the head's job agent comes up a little after its HTTP server
         job_id = f"oodscale-{script.split('.')[0]}-{uuid.uuid4().hex[:6]}"
         done = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
