@@ -37,10 +37,11 @@ def _train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> str:
 def _generate(cfg: ExperimentConfig, layout: RunLayout) -> str:
     from oodscale.diffusion.generate import generate
 
-    manifest = generate(cfg, layout)
+    manifests = generate(cfg, layout)
     uri = layout.storage.uri_of(layout.synthetic_dir)
-    return (f"{manifest.num_samples} synthetic outliers in {len(manifest.shards)} shards at {uri}"
-            f"; sample grid {uri}/grid.png")
+    return (f"{sum(m.num_samples for m in manifests)} synthetic outliers in "
+            f"{sum(len(m.shards) for m in manifests)} shards ({len(manifests)} guidance "
+            f"setting(s)) under {uri}*; sample grid {uri}/grid.png")
 
 
 def _train(cfg: ExperimentConfig, layout: RunLayout) -> str:
@@ -87,7 +88,7 @@ PIPELINE: list[tuple[str, Stage]] = [
 
 
 def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
-    needs_ddpm = "labelmix" in cfg.train.outliers
+    needs_ddpm = any(name.startswith("labelmix") for name in cfg.train.outliers)
     out = []
     for name, stage in PIPELINE:
         if name in ("train-diffusion", "generate") and not needs_ddpm:

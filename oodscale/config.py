@@ -14,7 +14,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LossName = Literal["softmax", "arcface", "cosface", "sphereface", "adacos", "normsoftmax"]
-OutlierSource = Literal["none", "labelmix", "noise", "pixelmix"]
 ScoreName = Literal["msp", "maxlogit", "energy", "maxcos", "knn", "mahalanobis"]
 BuiltinOOD = Literal[
     "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset"
@@ -135,11 +134,16 @@ class GenerateConfig(_Section):
     cpus_per_actor: float = Field(0.5, gt=0.0)
     use_gpu: bool | None = None
     grid_per_class: int = Field(6, ge=1)
+    filter_tau: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="-filtered variants drop samples a plain ID classifier gives MSP > tau.")
 
 
 class TrainConfig(WorkerConfig):
     losses: list[LossName] = Field(default_factory=lambda: ["softmax", "arcface"])
-    outliers: list[OutlierSource] = Field(default_factory=lambda: ["none", "labelmix"])
+    outliers: list[str] = Field(
+        default_factory=lambda: ["none", "labelmix"],
+        description="none, noise, pixelmix, labelmix, labelmix-w<g>, each labelmix -filtered.")
     seeds: list[int] = Field(default_factory=lambda: [0])
     backbone: Literal["smallcnn", "resnet18", "resnet50", "wrn40_2"] = "smallcnn"
     embedding_dim: int = Field(64, ge=2)
@@ -162,6 +166,13 @@ class TrainConfig(WorkerConfig):
         if not v:
             raise ValueError("must list at least one entry")
         return v
+
+    @field_validator("outliers")
+    @classmethod
+    def _known_sources(cls, v: list[str]) -> list[str]:
+        from oodscale.diffusion.variants import check_source_name
+
+        return [check_source_name(name) for name in v]
 
 
 class EvaluateConfig(_Section):

@@ -107,6 +107,10 @@ class RunLayout:
     def synthetic_dir(self) -> str:
         return self._p("synthetic")
 
+    def synthetic_variant(self, dirname: str) -> str:
+        """`synthetic` for the config's own label-mixup run, `synthetic-w1[-filtered]` etc."""
+        return self._p(dirname)
+
     def classifier_dir(self, run: str) -> str:
         return self._p("classifiers", run)
 

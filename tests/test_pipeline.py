@@ -19,7 +19,8 @@ TINY = [
     "data.ood_sets=[openset,textures,gaussian]", "data.ood_samples=40", "data.shard_size=200",
     "diffusion.block_out_channels=[8,8]", "diffusion.epochs=2", "diffusion.batch_size=32",
     "generate.num_shards=3", "generate.samples_per_shard=12", "generate.steps=3",
-    "generate.concurrency=2", "generate.grid_per_class=2",
+    "generate.concurrency=2", "generate.grid_per_class=2", "generate.filter_tau=0.99",
+    "train.outliers=[none,labelmix,labelmix-filtered]",
     "train.epochs=2", "train.batch_size=32", "train.outlier_batch_size=8",
     "train.embedding_dim=16", "evaluate.scores=[msp,maxlogit,energy,maxcos]",
 ]
@@ -87,7 +88,8 @@ def test_generate_wrote_provenance_and_grid(run_root):
 def test_train_wrote_a_checkpoint_per_grid_cell(run_root):
     root, _ = run_root
     for run in ("softmax-none-s0", "softmax-labelmix-s0", "arcface-none-s0",
-                "arcface-labelmix-s0"):
+                "arcface-labelmix-s0", "softmax-labelmix-filtered-s0",
+                "arcface-labelmix-filtered-s0"):
         directory = root / "digits" / "classifiers" / run
         assert (directory / "model.safetensors").is_file()
         card = json.loads((directory / "classifier.json").read_text())
@@ -104,13 +106,29 @@ def test_evaluate_wrote_scores_results_and_report(run_root):
     assert scores.loc[scores["dataset"] == "id", "label"].between(0, 5).all()
     assert (scores.loc[scores["is_ood"], "label"] == -1).all()
     results = pd.read_parquet(eval_dir / "results.parquet")
-    assert len(results) == 4 * 4 * 3  # runs x scores x OOD sets
+    assert len(results) == 6 * 4 * 3  # runs x scores x OOD sets
     assert set(results["group"]) == {"near", "far"}
     for col in ("fpr95", "auroc", "aupr_in", "aupr_out", "id_acc"):
         assert results[col].between(0, 100).all(), col
     report = (eval_dir / "report.md").read_text()
     assert "OOD" in report and "**" in report
     assert list((eval_dir / "plots").glob("*.png"))
+
+
+def test_ambiguity_filter_keeps_unsure_samples_with_their_score(run_root):
+    root, _ = run_root
+    storage = open_storage(str(root))
+    filtered_dir = storage.path("digits", "synthetic-filtered")
+    manifest = read_manifest(storage, filtered_dir)
+    assert manifest.extra["total"] == 36
+    assert 0 < manifest.extra["kept"] <= 36
+    assert manifest.extra["kept_fraction"] == manifest.extra["kept"] / 36
+    from oodscale.data.shards import load_arrays
+
+    _, metas = load_arrays(storage, filtered_dir)
+    assert len(metas) == manifest.extra["kept"]
+    assert all(m["filter_msp"] <= 0.99 and m["filter_tau"] == 0.99 for m in metas)
+    assert all(m["filter_model"] == "softmax-none-s0" for m in metas)
 
 
 def test_rerun_skips_finished_stages(run_root, capsys):

@@ -7,7 +7,6 @@ both); loss = L_id(ID rows) + λ_oe · KL(U ‖ softmax(logits of outlier rows))
 from __future__ import annotations
 
 import itertools
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +14,14 @@ from typing import Any
 
 import torch
 
+from oodscale.classify.ambiguity import filter_synthetic
 from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
 from oodscale.classify.losses import kl_to_uniform
 from oodscale.classify.outliers import noise_outliers, pixelmix_outliers
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
 from oodscale.data.streams import endless_batches, read_shards, to_model_input
+from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
 from oodscale.distributed import (
     copy_checkpoint,
     make_accelerator,
@@ -91,7 +92,7 @@ def classifier_loop(config: dict[str, Any]) -> None:
     source = card["outliers"]
     syn_batches = (endless_batches(ray.train.get_dataset_shard("outliers"), t.outlier_batch_size,
                                    derive_seed(card["seed"], card["run"], "syn", rank))
-                   if source == "labelmix" else None)
+                   if source.startswith("labelmix") else None)
     device = accelerator.device
     for epoch in range(start_epoch, t.epochs):
         model.train()
@@ -140,7 +141,7 @@ def _outlier_batch(source: str, x: torch.Tensor, y: torch.Tensor, syn_batches, c
                    gen: torch.Generator) -> torch.Tensor | None:
     if source == "none":
         return None
-    if source == "labelmix":
+    if source.startswith("labelmix"):
         return to_model_input(next(syn_batches)["image"])
     if source == "noise":
         return noise_outliers((count, *x.shape[1:]), gen)
@@ -150,46 +151,72 @@ def _outlier_batch(source: str, x: torch.Tensor, y: torch.Tensor, syn_batches, c
 
 
 def train_one(cfg: ExperimentConfig, layout: RunLayout, spec: RunSpec, id_data, manifest: Manifest,
-              synthetic) -> dict[str, Any]:
+              outliers=None) -> dict[str, Any]:
     """Train one grid cell (resuming if interrupted) and publish it under classifiers/<run>."""
     t = cfg.train
     steps = t.steps_per_epoch or steps_per_epoch(manifest.num_samples, t.batch_size,
                                                  t.num_workers)
-    datasets = {"id": id_data}
-    if spec.outliers == "labelmix":
-        datasets["outliers"] = synthetic
+    datasets = {"id": id_data} if outliers is None else {"id": id_data, "outliers": outliers}
     result = run_trainer(
         classifier_loop,
         {"cfg": cfg.model_dump(), "card": _card(cfg, spec, manifest), "steps_per_epoch": steps,
          "checkpoint_every": max(1, t.epochs // 3)},
         datasets, t, layout, name=f"{cfg.name}-{spec.name}")
-    destination = layout.classifier_dir(spec.name)
-    copy_checkpoint(result, layout, destination)
+    copy_checkpoint(result, layout, layout.classifier_dir(spec.name))
+    print(f"[oodscale] trained {spec.name}", flush=True)
     return {"run": spec.name, **{k: result.metrics.get(k) for k in
                                  ("loss", "id_loss", "oe_loss", "train_acc", "images_per_s")}}
 
 
+def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, variant: LabelmixVariant,
+                  manifest: Manifest, plain_ready) -> Any:
+    """The Ray Dataset of a label-mixup variant, filtering it first if it asks for that."""
+    default = cfg.generate.guidance
+    directory = layout.synthetic_variant(variant.dirname(default))
+    if variant.filtered:
+        gen = cfg.generate
+        filtered = filter_synthetic(
+            layout, layout.synthetic_variant(variant.unfiltered.dirname(default)), directory,
+            plain_ready(), gen.filter_tau, gen.concurrency, gen.cpus_per_actor)
+        print(f"[oodscale] ambiguity filter (tau {gen.filter_tau}) kept {filtered.extra['kept']}"
+              f" of {filtered.extra['total']} samples ({100 * filtered.extra['kept_fraction']:.1f}"
+              f"%) in {layout.storage.uri_of(directory)}", flush=True)
+    data, syn_manifest = read_shards(layout.storage, directory, hint="run `oodscale generate`")
+    if syn_manifest.class_names != manifest.class_names:
+        raise ValueError("the synthetic shards were drawn for other ID classes "
+                         f"({syn_manifest.class_names} vs {manifest.class_names}); rerun "
+                         "train-diffusion and generate for this config")
+    return data
+
+
 def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str, Any]]:
-    """Train every grid cell that has no finished checkpoint; returns one summary per run."""
+    """Train every grid cell that has no finished checkpoint; returns one summary per run.
+
+    Filtered label-mixup variants need the plain classifier (softmax, no outliers, first seed)
+    first, so cells are trained in that order.
+    """
     storage = layout.storage
     id_data, manifest = read_shards(storage, layout.id_split("train"))
-    specs = [s for s in grid(cfg) if not storage.exists(f"{layout.classifier_dir(s.name)}/{CARD}")]
-    synthetic = None
-    if any(s.outliers == "labelmix" for s in specs):
-        synthetic, syn_manifest = read_shards(storage, layout.synthetic_dir,
-                                              hint="run `oodscale generate`")
-        if syn_manifest.class_names != manifest.class_names:
-            raise ValueError("the synthetic shards were drawn for other ID classes "
-                             f"({syn_manifest.class_names} vs {manifest.class_names}); rerun "
-                             "train-diffusion and generate for this config")
-    summaries = []
+
+    def finished(spec: RunSpec) -> bool:
+        return storage.exists(f"{layout.classifier_dir(spec.name)}/{CARD}")
+
+    plain = RunSpec("softmax", "none", cfg.train.seeds[0])
+    summaries: list[dict[str, Any]] = []
+
+    def plain_ready() -> str:
+        if not finished(plain):
+            summaries.append(train_one(cfg, layout, plain, id_data, manifest))
+        return plain.name
+
+    specs = sorted(grid(cfg), key=lambda s: s.outliers.endswith("-filtered"))
+    data_by_variant: dict[LabelmixVariant, Any] = {}
     for spec in specs:
-        print(f"[oodscale] training {spec.name}", flush=True)
-        summaries.append(train_one(cfg, layout, spec, id_data, manifest, synthetic))
+        if finished(spec):
+            continue
+        variant = labelmix_variant(spec.outliers, cfg.generate.guidance)
+        if variant is not None and variant not in data_by_variant:
+            data_by_variant[variant] = _outlier_data(cfg, layout, variant, manifest, plain_ready)
+        summaries.append(train_one(cfg, layout, spec, id_data, manifest,
+                                   data_by_variant.get(variant)))
     return summaries
-
-
-def fetch_classifier(layout: RunLayout, run: str, scratch: str | None = None) -> Path:
-    """Local directory with a finished classifier's files."""
-    return layout.storage.fetch_dir(layout.classifier_dir(run),
-                                    Path(scratch or tempfile.mkdtemp(prefix="oodscale-clf-")))

@@ -21,6 +21,7 @@ from oodscale.diffusion.mixup import one_hot
 from oodscale.diffusion.model import LabelConditionedUNet
 from oodscale.diffusion.sample import ShardSampler, draw_labelmix, make_sampler, sample_images
 from oodscale.diffusion.train import MODEL_CARD
+from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
 from oodscale.runtime import RunLayout, resolve_use_gpu
 
 
@@ -32,6 +33,24 @@ def _generation_params(cfg: ExperimentConfig, card: dict[str, Any]) -> dict[str,
             "guidance": gen.guidance, "sampler": gen.sampler, "steps": gen.steps}
 
 
+def needed_variants(cfg: ExperimentConfig) -> list[LabelmixVariant]:
+    """Every label-mixup variant the training grid uses, the config's own first."""
+    default = cfg.generate.guidance
+    found = [labelmix_variant(name, default) for name in cfg.train.outliers]
+    variants = [v for v in found if v is not None]
+    return sorted(set(variants), key=lambda v: (v.guidance != default, v.guidance, v.filtered))
+
+
+def generate(cfg: ExperimentConfig, layout: RunLayout) -> list[Manifest]:
+    """Draw every unfiltered label-mixup variant the grid needs (the default one at least)."""
+    guidances = {v.guidance for v in needed_variants(cfg)} | {cfg.generate.guidance}
+    default = cfg.generate.guidance
+    ordered = sorted(guidances, key=lambda g: (g != default, g))
+    return [generate_variant(cfg.model_copy(update={"generate": cfg.generate.model_copy(
+        update={"guidance": g})}), layout, LabelmixVariant(g, False).dirname(default))
+        for g in ordered]
+
+
 def read_model_card(layout: RunLayout) -> dict[str, Any]:
     path = f"{layout.diffusion_dir}/{MODEL_CARD}"
     if not layout.storage.exists(path):
@@ -40,16 +59,17 @@ def read_model_card(layout: RunLayout) -> dict[str, Any]:
     return json.loads(layout.storage.read_bytes(path))
 
 
-def generate(cfg: ExperimentConfig, layout: RunLayout) -> Manifest:
+def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> Manifest:
     """Draw every missing synthetic shard, keep the manifest current, then draw the grid."""
     import ray.data
 
     storage, gen = layout.storage, cfg.generate
+    out_dir = layout.synthetic_variant(dirname)
     card = read_model_card(layout)
     params = _generation_params(cfg, card)
-    manifest = try_read_manifest(storage, layout.synthetic_dir)
+    manifest = try_read_manifest(storage, out_dir)
     if manifest is not None and manifest.extra.get("params") != params:
-        raise ValueError(f"{storage.uri_of(layout.synthetic_dir)} holds shards drawn with other "
+        raise ValueError(f"{storage.uri_of(out_dir)} holds shards drawn with other "
                          f"settings ({manifest.extra.get('params')}); delete that directory or "
                          f"set storage.root / name to a new location")
     if manifest is None:
@@ -59,7 +79,7 @@ def generate(cfg: ExperimentConfig, layout: RunLayout) -> Manifest:
     done = {int(s.path.split("-")[-1].split(".")[0]) for s in manifest.shards}
     todo = [i for i in range(gen.num_shards) if i not in done]
     if todo:
-        storage.makedirs(layout.synthetic_dir)
+        storage.makedirs(out_dir)
         use_gpu = resolve_use_gpu(gen.use_gpu)
         rows = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         rows = rows.map_batches(
@@ -68,19 +88,20 @@ def generate(cfg: ExperimentConfig, layout: RunLayout) -> Manifest:
             num_cpus=gen.cpus_per_actor, num_gpus=1 if use_gpu else 0,
             fn_constructor_kwargs={
                 "storage_root": storage.uri, "model_dir": f"{layout.diffusion_dir}/unet",
-                "out_dir": layout.synthetic_dir, "gen": gen.model_dump(),
+                "out_dir": out_dir, "gen": gen.model_dump(),
                 "timesteps": card["timesteps"], "run_seed": cfg.seed,
                 "model_hash": card["model_hash"], "use_gpu": use_gpu})
         for row in tqdm(rows.iter_rows(), total=len(todo), desc="synthetic shards", unit="shard"):
             manifest.shards.append(ShardInfo(path=row["path"], count=int(row["count"]),
                                              sha256=row["sha256"]))
             manifest.shards.sort(key=lambda s: s.path)
-            write_manifest(storage, layout.synthetic_dir, manifest)
-    write_grid(cfg, layout, card)
+            write_manifest(storage, out_dir, manifest)
+    write_grid(cfg, layout, card, out_dir)
     return manifest
 
 
-def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any]) -> str:
+def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
+               out_dir: str) -> str:
     """PNG grid: per class a row of ID samples, beside rows of label-mixup samples."""
     import matplotlib
 
@@ -111,7 +132,7 @@ def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any]) -
     fig.suptitle(f"left: ID samples per class | right: label-mixup outliers "
                  f"(guidance {gen.guidance}, mode {gen.mode})", fontsize=8)
     fig.tight_layout()
-    out = f"{layout.synthetic_dir}/grid.png"
+    out = f"{out_dir}/grid.png"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "grid.png"
         fig.savefig(path, dpi=110)

@@ -1,0 +1,94 @@
+"""The ambiguity filter: keep only label-mixup samples a plain ID classifier is unsure of.
+
+A sample the plain softmax classifier (no OE) assigns to one class with MSP above τ looks like a
+clean ID image; OE on it teaches the classifier to doubt ID data. A Ray Data actor pool scores
+each synthetic shard and writes the kept samples, with their MSP in the provenance, to a sibling
+directory under the same shard names; the manifest records the kept fraction.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from oodscale.classify.checkpoints import load_classifier
+from oodscale.data.shards import Manifest, ShardInfo, iter_samples, read_manifest, write_manifest
+from oodscale.data.shards import write_shard as write_one_shard
+from oodscale.data.streams import to_model_input
+from oodscale.runtime import RunLayout, open_storage
+
+
+class AmbiguityFilter:
+    """Ray Data callable class: the plain classifier loaded once per actor."""
+
+    def __init__(self, storage_root: str, classifier_dir: str, source_dir: str, dest_dir: str,
+                 tau: float):
+        self.storage = open_storage(storage_root)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model, self.card = load_classifier(
+                self.storage.fetch_dir(classifier_dir, Path(tmp)))
+        self.source_dir, self.dest_dir, self.tau = source_dir, dest_dir, tau
+
+    @torch.no_grad()
+    def msp(self, images: np.ndarray) -> np.ndarray:
+        x = to_model_input(torch.as_tensor(images.transpose(0, 3, 1, 2).copy()))
+        logits, _ = self.model.embed_and_logits(x)
+        return logits.softmax(1).max(1).values.numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"path": [], "count": [], "sha256": [], "total": []}
+        for name in batch["path"].tolist():
+            samples = list(iter_samples(self.storage, f"{self.source_dir}/{name}"))
+            scores = self.msp(np.stack([image for _, image, _ in samples]))
+            kept = [(key, image, {**meta, "filter_msp": float(p), "filter_tau": self.tau,
+                                  "filter_model": self.card["run"]})
+                    for (key, image, meta), p in zip(samples, scores, strict=True)
+                    if p <= self.tau]
+            info = write_one_shard(self.storage, self.dest_dir, name, kept)
+            for key, value in (("path", info.path), ("count", info.count),
+                               ("sha256", info.sha256), ("total", len(samples))):
+                out[key].append(value)
+        return out
+
+
+def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifier_run: str,
+                     tau: float, concurrency: int, cpus_per_actor: float) -> Manifest:
+    """Write the filtered copy of `source_dir`; reuses it when done with the same τ and model."""
+    import ray.data
+
+    storage = layout.storage
+    source = read_manifest(storage, source_dir, hint="run `oodscale generate`")
+    settings = {"tau": tau, "classifier": classifier_run,
+                "source": source.extra.get("params")}
+    if storage.exists(f"{dest_dir}/manifest.json"):
+        done = read_manifest(storage, dest_dir)
+        if done.extra.get("filter") == settings and len(done.shards) == len(source.shards):
+            return done
+    storage.makedirs(dest_dir)
+    rows = ray.data.from_items([{"path": s.path} for s in source.shards],
+                               override_num_blocks=len(source.shards))
+    rows = rows.map_batches(
+        AmbiguityFilter, batch_size=1, num_cpus=cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=min(concurrency, len(source.shards))),
+        fn_constructor_kwargs={"storage_root": storage.uri,
+                               "classifier_dir": layout.classifier_dir(classifier_run),
+                               "source_dir": source_dir, "dest_dir": dest_dir, "tau": tau})
+    results = rows.take_all()
+    total = sum(int(r["total"]) for r in results)
+    kept = sum(int(r["count"]) for r in results)
+    if kept == 0:
+        raise ValueError(f"the ambiguity filter kept no sample of {total} at tau={tau}: the "
+                         f"plain classifier is sure of every one; raise generate.filter_tau")
+    manifest = Manifest(
+        kind="synthetic", split="labelmix-filtered", image_size=source.image_size,
+        channels=source.channels, class_names=source.class_names,
+        shards=sorted((ShardInfo(path=r["path"], count=int(r["count"]), sha256=r["sha256"])
+                       for r in results), key=lambda s: s.path),
+        extra={**source.extra, "filter": settings, "kept": kept, "total": total,
+               "kept_fraction": kept / total})
+    write_manifest(storage, dest_dir, manifest)
+    return manifest

@@ -1,0 +1,51 @@
+"""Outlier sources: names, label-mixup variants, noise and pixel-space mixup."""
+
+import numpy as np
+import pytest
+import torch
+
+from oodscale.classify.outliers import noise_outliers, pixelmix_outliers
+from oodscale.config import ConfigError, load_config
+from oodscale.diffusion.mixup import distinct_pairs
+from oodscale.diffusion.variants import LabelmixVariant, check_source_name, labelmix_variant
+from tests.test_config import DIGITS
+
+
+def test_variant_names_map_to_directories():
+    assert labelmix_variant("labelmix", 3.0) == LabelmixVariant(3.0, False)
+    assert labelmix_variant("labelmix-w1", 3.0).dirname(3.0) == "synthetic-w1"
+    assert labelmix_variant("labelmix-filtered", 3.0).dirname(3.0) == "synthetic-filtered"
+    assert labelmix_variant("labelmix-w1.5-filtered", 3.0).dirname(3.0) == "synthetic-w1.5-filtered"
+    assert labelmix_variant("labelmix-w3", 3.0).dirname(3.0) == "synthetic"
+    assert labelmix_variant("noise", 3.0) is None
+
+
+def test_unknown_source_is_a_config_error_listing_valid_ones():
+    with pytest.raises(ValueError, match="pixelmix"):
+        check_source_name("labelmx")
+    with pytest.raises(ConfigError, match="train.outliers"):
+        load_config(DIGITS, ["train.outliers=[none,gan]"])
+
+
+def test_noise_outliers_shape_range_and_kinds():
+    x = noise_outliers((9, 1, 16, 16), torch.Generator().manual_seed(0))
+    assert x.shape == (9, 1, 16, 16)
+    assert x.min() >= -1 and x.max() <= 1
+    blobs = x[2::3]
+    assert set(blobs.unique().tolist()) <= {-1.0, 1.0}  # blobs are binary
+    assert x[1::3].unique().numel() > 100  # uniform noise is continuous
+
+
+def test_pixelmix_mixes_images_of_different_classes():
+    images = torch.stack([torch.full((1, 4, 4), float(v)) for v in (-1.0, 1.0, -1.0, 1.0)])
+    labels = torch.tensor([0, 1, 0, 1])
+    out = pixelmix_outliers(images, labels, 50, torch.Generator().manual_seed(0))
+    assert out.shape == (50, 1, 4, 4)
+    assert torch.allclose(out, torch.zeros_like(out))  # always one -1 and one +1 image
+    with pytest.raises(ValueError, match="two classes"):
+        pixelmix_outliers(images[:1], labels[:1], 4, torch.Generator())
+
+
+def test_labelmix_pairs_have_provenance_fields_in_range():
+    a, b = distinct_pairs(np.random.default_rng(1), 100, 6)
+    assert ((0 <= a) & (a < 6) & (0 <= b) & (b < 6) & (a != b)).all()
