@@ -144,7 +144,7 @@ class TrainConfig(WorkerConfig):
     outliers: list[str] = Field(
         default_factory=lambda: ["none", "labelmix"],
         description="none, noise, pixelmix, labelmix, labelmix-w<g>, each labelmix -filtered.")
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     backbone: Literal["smallcnn", "resnet18", "resnet50", "wrn40_2"] = "smallcnn"
     embedding_dim: int = Field(64, ge=2)
     head_options: dict[str, dict[str, float]] = Field(

@@ -30,7 +30,8 @@ def _generation_params(cfg: ExperimentConfig, card: dict[str, Any]) -> dict[str,
     gen = cfg.generate
     return {"seed": cfg.seed, "model": card["model_hash"], "samples_per_shard":
             gen.samples_per_shard, "lam": gen.lam.model_dump(), "mode": gen.mode,
-            "guidance": gen.guidance, "sampler": gen.sampler, "steps": gen.steps}
+            "guidance": gen.guidance, "sampler": gen.sampler, "steps": gen.steps,
+            "batch_size": gen.batch_size}
 
 
 def needed_variants(cfg: ExperimentConfig) -> list[LabelmixVariant]:

@@ -8,12 +8,14 @@ driver writes the long `scores.parquet`, aggregates `results.parquet`, and rende
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import torch
 
 from oodscale.classify.checkpoints import CARD, load_classifier
@@ -71,6 +73,27 @@ class Scorer:
         return out
 
 
+def finished_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str, Any]]:
+    """Cards of every finished classifier of the experiment: this grid's and earlier grids'.
+
+    Every cell of the configured grid must be finished; classifiers that earlier runs with
+    other grids left in the same experiment are scored too, so grids accumulate in one report.
+    """
+    storage = layout.storage
+    missing = [s.name for s in grid(cfg)
+               if not storage.exists(f"{layout.classifier_dir(s.name)}/{CARD}")]
+    if missing:
+        raise FileNotFoundError(f"classifier(s) {', '.join(missing)} not trained under "
+                                f"{storage.uri_of(layout.classifiers_dir)}; run `oodscale train`")
+    infos = storage.fs.get_file_info(pafs.FileSelector(layout.classifiers_dir))
+    cards = []
+    for info in sorted(infos, key=lambda i: i.path):
+        card_path = f"{info.path}/{CARD}"
+        if info.type == pafs.FileType.Directory and storage.exists(card_path):
+            cards.append(json.loads(storage.read_bytes(card_path)))
+    return cards
+
+
 def test_sets(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
     """Name → shard directory of the ID test split and every OOD set of this experiment."""
     sets = {"id": layout.id_split("test")}
@@ -100,11 +123,8 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
     sets = test_sets(cfg, layout)
     data = _test_dataset(layout, sets).materialize()
     frames = []
-    for spec in grid(cfg):
-        directory = layout.classifier_dir(spec.name)
-        if not storage.exists(f"{directory}/{CARD}"):
-            raise FileNotFoundError(f"classifier {spec.name} has not been trained "
-                                    f"({storage.uri_of(directory)}); run `oodscale train` first")
+    for card in finished_classifiers(cfg, layout):
+        directory = layout.classifier_dir(card["run"])
         scored = data.map_batches(
             Scorer, batch_size=cfg.evaluate.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.concurrency),
@@ -116,8 +136,8 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
         long = scored.melt(id_vars=["dataset", "label", "pred"], var_name="score_name",
                            value_name="score")
         long["score_name"] = long["score_name"].str.removeprefix("score_")
-        long = long.assign(run=spec.name, loss=spec.loss, outliers=spec.outliers,
-                           seed=spec.seed, is_ood=long["dataset"] != "id")
+        long = long.assign(run=card["run"], loss=card["loss"], outliers=card["outliers"],
+                           seed=card["seed"], is_ood=long["dataset"] != "id")
         frames.append(long)
     columns = ["run", "loss", "outliers", "seed", "score_name", "dataset", "is_ood", "score",
                "label", "pred"]
