@@ -33,10 +33,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` in a child process; terminating it stops what it started."""
+    """`ray start --head --block` in a child process; terminating it stops what it started.
+
+    The GCS port is picked free up front (rather than --port=0) so drivers can be pointed at it.
+    """
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the ray CLI is not installed next to this Python")
-    dash = _free_port()
+    dash, gcs_port = _free_port(), _free_port()
     # Every agent port gets a free one, so this head can live beside the session's local Ray.
     agent_ports = [f"--{flag}={_free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -44,7 +47,7 @@ def ray_head():
     temp_dir = Path("/tmp") / f"oe2e{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--port=0", "--num-cpus=4",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--include-dashboard=true",
          "--object-store-memory=200000000", f"--temp-dir={temp_dir}", *agent_ports],
@@ -62,7 +65,9 @@ def ray_head():
     else:
         head.terminate()
         pytest.fail("the Ray head's job server did not come up within 120 s")
-    yield address, env
+    from ray.util import get_node_ip_address
+
+    yield address, env, f"{get_node_ip_address()}:{gcs_port}"
     head.terminate()
     try:
         head.wait(timeout=60)
@@ -103,7 +108,7 @@ def _untrained_ddpm(root: Path) -> None:
 
 
 def test_prepare_and_generate_via_ray_job_submit(ray_head, tmp_path):
-    address, env = ray_head
+    address, env, _ = ray_head
     root = tmp_path / "runs"
     args = [f"storage.root={root}", *TINY]
     out = _submit(address, env, "prepare.py", args)
@@ -118,3 +123,24 @@ def test_prepare_and_generate_via_ray_job_submit(ray_head, tmp_path):
     syn = read_manifest(storage, storage.path("digits", "synthetic"))
     assert syn.num_samples == 8 and len(syn.shards) == 2
     assert (root / "digits" / "synthetic" / "grid.png").is_file()
+
+
+def _run_job(script: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"jobs/{script}", "--config", "configs/digits.yaml",
+                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS"])
+def test_job_joins_a_running_cluster(ray_head, tmp_path, how):
+    """The same entry point joins a running cluster instead of starting its own Ray."""
+    _, env, gcs = ray_head
+    root = tmp_path / "runs"
+    args = [f"storage.root={root}", *TINY]
+    if how == "--address":
+        done = _run_job("prepare.py", ["--address", gcs, *args], env)
+    else:
+        done = _run_job("prepare.py", args, {**env, "RAY_ADDRESS": gcs})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Connecting to existing Ray cluster" in done.stderr + done.stdout
+    assert "prepare done" in done.stdout
+    assert (root / "digits" / "data" / "id" / "train" / "manifest.json").is_file()
