@@ -181,6 +181,7 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(512, ge=1)
     concurrency: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0.0)
+    use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
 
 
 class ExperimentConfig(_Section):

@@ -150,6 +150,7 @@ def _per_set_table(results: pd.DataFrame, primary: dict[str, str]) -> pd.DataFra
         row = dict(zip(keys, key, strict=True))
         for m in METRICS:
             row[METRIC_LABELS[m]] = _fmt(*mean_std(part[m]), len(part))
+        row["FPR95 (ID+)"] = _fmt(*mean_std(part["fpr95_id_positive"]), len(part))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -249,12 +250,14 @@ def _convention(results: pd.DataFrame) -> str:
             "## Conventions",
             "",
             "- OOD is the positive class (OpenOOD v1.5). Scores follow OpenOOD's sign: "
-            "higher score = more in-distribution.",
+            "higher score = more in-distribution (`score` in `scores.parquet`); pytorch-ood's "
+            "convention (higher = more OOD) is its negation, `-score`.",
             "- FPR95: share of ID test samples flagged OOD at the threshold that detects 95 % of "
             "the OOD samples. AUROC and AUPR-Out rank OOD as positive; AUPR-In ranks ID as "
             "positive.",
-            "- `results.parquet` also holds `fpr95_id_positive` (energy/ODIN papers): share of "
-            "OOD accepted at the threshold accepting 95 % of ID.",
+            "- FPR95 (ID+), the energy/ODIN papers' convention with ID positive: share of OOD "
+            "samples accepted at the threshold that accepts 95 % of ID; in the per-set table "
+            "and as `fpr95_id_positive` in `results.parquet`.",
             "- All values are in %. Near/far: each group's metrics are averaged over its OOD "
             "sets, then mean ± std (ddof=0) over seeds. " + listing + ".",
         ]

@@ -25,7 +25,7 @@ from oodscale.data.shards import iter_samples, read_manifest, shard_paths
 from oodscale.data.streams import read_shards, to_model_input
 from oodscale.evaluate.detectors import compute_scores, fit_features
 from oodscale.evaluate.report import aggregate, write_report
-from oodscale.runtime import RunLayout, open_storage
+from oodscale.runtime import RunLayout, open_storage, resolve_use_gpu
 
 NEEDS_TRAIN_FEATURES = {"knn", "mahalanobis"}
 
@@ -34,10 +34,12 @@ class Scorer:
     """Ray Data callable class: one classifier loaded once per actor."""
 
     def __init__(self, storage_root: str, classifier_dir: str, train_dir: str,
-                 score_names: list[str], batch_size: int):
+                 score_names: list[str], batch_size: int, use_gpu: bool = False):
         storage = open_storage(storage_root)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         with tempfile.TemporaryDirectory() as tmp:
-            self.model, self.card = load_classifier(storage.fetch_dir(classifier_dir, Path(tmp)))
+            model, self.card = load_classifier(storage.fetch_dir(classifier_dir, Path(tmp)))
+        self.model = model.to(self.device)
         self.names = score_names
         self.fitted = None
         if NEEDS_TRAIN_FEATURES & set(score_names):
@@ -45,8 +47,9 @@ class Scorer:
 
     @torch.no_grad()
     def _embed(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_model_input(torch.as_tensor(images))
-        return self.model.embed_and_logits(x)
+        x = to_model_input(torch.as_tensor(images)).to(self.device)
+        logits, embeddings = self.model.embed_and_logits(x)
+        return logits.float().cpu(), embeddings.float().cpu()
 
     def _fit(self, storage, train_dir: str, batch_size: int):
         """kNN / Mahalanobis statistics from ID training embeddings, embedded in chunks."""
@@ -65,8 +68,8 @@ class Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         logits, emb = self._embed(batch["image"])
-        scores = compute_scores(self.names, logits, emb, self.model.head.class_weights,
-                                self.fitted)
+        scores = compute_scores(self.names, logits, emb,
+                                self.model.head.class_weights.detach().float().cpu(), self.fitted)
         out = {"dataset": batch["dataset"], "label": batch["label"],
                "pred": logits.argmax(1).numpy()}
         out.update({f"score_{k}": v for k, v in scores.items()})
@@ -120,6 +123,7 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
     import ray.data
 
     storage = layout.storage
+    use_gpu = resolve_use_gpu(cfg.evaluate.use_gpu)
     sets = test_sets(cfg, layout)
     data = _test_dataset(layout, sets).materialize()
     frames = []
@@ -128,11 +132,13 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
         scored = data.map_batches(
             Scorer, batch_size=cfg.evaluate.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.concurrency),
-            num_cpus=cfg.evaluate.cpus_per_actor, batch_format="numpy",
+            num_cpus=cfg.evaluate.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+            batch_format="numpy",
             fn_constructor_kwargs={"storage_root": storage.uri, "classifier_dir": directory,
                                    "train_dir": layout.id_split("train"),
                                    "score_names": list(cfg.evaluate.scores),
-                                   "batch_size": cfg.evaluate.batch_size}).to_pandas()
+                                   "batch_size": cfg.evaluate.batch_size,
+                                   "use_gpu": use_gpu}).to_pandas()
         long = scored.melt(id_vars=["dataset", "label", "pred"], var_name="score_name",
                            value_name="score")
         long["score_name"] = long["score_name"].str.removeprefix("score_")
