@@ -85,19 +85,11 @@ class RunLayout:
     def _p(self, *parts: str) -> str:
         return self.storage.path(self.experiment, *parts)
 
-    @property
-    def id_dir(self) -> str:
-        return self._p("data", "id")
-
     def id_split(self, split: str) -> str:
         return self._p("data", "id", split)
 
     def ood_set(self, name: str) -> str:
         return self._p("data", "ood", name)
-
-    @property
-    def ood_dir(self) -> str:
-        return self._p("data", "ood")
 
     @property
     def diffusion_dir(self) -> str:
@@ -129,13 +121,6 @@ class RunLayout:
 
 def layout_for(cfg: ExperimentConfig) -> RunLayout:
     return RunLayout(storage=open_storage(cfg.storage.root), experiment=cfg.name)
-
-
-def local_path(layout: RunLayout, path: str) -> Path:
-    """A local filesystem path for a storage path; only valid for local roots."""
-    if not isinstance(layout.storage.fs, pafs.LocalFileSystem):
-        raise ValueError(f"{path} is on remote storage; this step needs a local path")
-    return Path(path)
 
 
 def derive_seed(*parts: object) -> int:

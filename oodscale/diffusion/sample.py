@@ -45,7 +45,7 @@ def sample_images(model: LabelConditionedUNet, labels: torch.Tensor, guidance: f
     for t in scheduler.timesteps:
         tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
         if guidance == 1.0:
-            eps = model(x, tt, labels)
+            eps = model(x, tt, labels).float()
         else:
             both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
             eps_c, eps_u = both.float().chunk(2)
@@ -86,8 +86,6 @@ class ShardSampler:
         with tempfile.TemporaryDirectory() as tmp:
             local = self.storage.fetch_dir(model_dir, Path(tmp))
             self.model = LabelConditionedUNet.from_pretrained(local).to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(torch.bfloat16)
         self.gen = GenerateConfig.model_validate(gen)
         self.out_dir, self.timesteps = out_dir, timesteps
         self.run_seed, self.model_hash = run_seed, model_hash
@@ -96,8 +94,10 @@ class ShardSampler:
         out: dict[str, list[Any]] = {"shard": [], "path": [], "count": [], "sha256": []}
         for index in batch["shard"].tolist():
             seed = shard_seed(self.run_seed, index)
-            images, metas = draw_labelmix(self.model, self.gen, self.timesteps, seed,
-                                          self.gen.samples_per_shard, self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.device.type == "cuda"):  # bf16 on GPU workers
+                images, metas = draw_labelmix(self.model, self.gen, self.timesteps, seed,
+                                              self.gen.samples_per_shard, self.device)
             samples = ((f"syn{index:06d}_{i:06d}", images[i], {**m, "model": self.model_hash})
                        for i, m in enumerate(metas))
             info = write_shard(self.storage, self.out_dir, shard_name("synthetic", index), samples)
