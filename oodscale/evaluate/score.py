@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import torch
+from tqdm import tqdm
 
 from oodscale.classify.checkpoints import CARD, load_classifier
 from oodscale.classify.train import grid
@@ -127,7 +128,7 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
     sets = test_sets(cfg, layout)
     data = _test_dataset(layout, sets).materialize()
     frames = []
-    for card in finished_classifiers(cfg, layout):
+    for card in tqdm(finished_classifiers(cfg, layout), desc="scoring classifiers", unit="run"):
         directory = layout.classifier_dir(card["run"])
         scored = data.map_batches(
             Scorer, batch_size=cfg.evaluate.batch_size,
