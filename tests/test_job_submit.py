@@ -46,6 +46,9 @@ def ray_head():
         "runtime-env-agent-port", "ray-client-server-port")]
     temp_dir = Path("/tmp") / f"oe2e{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # A fresh machine has no token yet: create one (kept out of the test output).
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env,
+                   capture_output=True, check=True)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
