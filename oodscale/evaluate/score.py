@@ -24,51 +24,65 @@ from oodscale.classify.train import grid
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths
 from oodscale.data.streams import read_shards, to_model_input
-from oodscale.evaluate.detectors import compute_scores, fit_features
+from oodscale.evaluate.detectors import FittedFeatures, compute_scores, fit_features
 from oodscale.evaluate.report import aggregate, write_report
 from oodscale.runtime import RunLayout, open_storage, resolve_use_gpu
 
 NEEDS_TRAIN_FEATURES = {"knn", "mahalanobis"}
 
 
-class Scorer:
-    """Ray Data callable class: one classifier loaded once per actor."""
+class LoadedClassifier:
+    """A finished classifier on this process's device, embedding uint8 image batches."""
 
-    def __init__(self, storage_root: str, classifier_dir: str, train_dir: str,
-                 score_names: list[str], batch_size: int, use_gpu: bool = False):
+    def __init__(self, storage_root: str, classifier_dir: str, use_gpu: bool = False):
         storage = open_storage(storage_root)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         with tempfile.TemporaryDirectory() as tmp:
             model, self.card = load_classifier(storage.fetch_dir(classifier_dir, Path(tmp)))
         self.model = model.to(self.device)
-        self.names = score_names
-        self.fitted = None
-        if NEEDS_TRAIN_FEATURES & set(score_names):
-            self.fitted = self._fit(storage, train_dir, batch_size)
 
     @torch.no_grad()
-    def _embed(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, embeddings) on the CPU for C×H×W uint8 images."""
         x = to_model_input(torch.as_tensor(images)).to(self.device)
         logits, embeddings = self.model.embed_and_logits(x)
         return logits.float().cpu(), embeddings.float().cpu()
 
-    def _fit(self, storage, train_dir: str, batch_size: int):
-        """kNN / Mahalanobis statistics from ID training embeddings, embedded in chunks."""
-        embeddings, labels, chunk = [], [], []
-        manifest = read_manifest(storage, train_dir)
-        for path in shard_paths(storage, train_dir, manifest):
-            for _, image, meta in iter_samples(storage, path):
-                chunk.append(image.transpose(2, 0, 1))
-                labels.append(meta["label"])
-                if len(chunk) == batch_size:
-                    embeddings.append(self._embed(np.stack(chunk))[1])
-                    chunk = []
-        if chunk:
-            embeddings.append(self._embed(np.stack(chunk))[1])
-        return fit_features(torch.cat(embeddings), torch.as_tensor(labels))
+
+def fit_train_features(storage_root: str, classifier_dir: str, train_dir: str,
+                       batch_size: int, use_gpu: bool) -> FittedFeatures:
+    """kNN / Mahalanobis statistics from ID training embeddings, embedded in chunks.
+
+    Runs once per classifier (a Ray task); the scoring actors share the result.
+    """
+    clf = LoadedClassifier(storage_root, classifier_dir, use_gpu)
+    storage = open_storage(storage_root)
+    embeddings, labels, chunk = [], [], []
+    for path in shard_paths(storage, train_dir, read_manifest(storage, train_dir)):
+        for _, image, meta in iter_samples(storage, path):
+            chunk.append(image.transpose(2, 0, 1))
+            labels.append(meta["label"])
+            if len(chunk) == batch_size:
+                embeddings.append(clf.embed(np.stack(chunk))[1])
+                chunk = []
+    if chunk:
+        embeddings.append(clf.embed(np.stack(chunk))[1])
+    return fit_features(torch.cat(embeddings), torch.as_tensor(labels))
+
+
+class Scorer(LoadedClassifier):
+    """Ray Data callable class: one classifier loaded once per actor."""
+
+    def __init__(self, storage_root: str, classifier_dir: str, score_names: list[str],
+                 fitted: list | None = None, use_gpu: bool = False):
+        super().__init__(storage_root, classifier_dir, use_gpu)
+        import ray
+
+        self.names = score_names
+        self.fitted = ray.get(fitted[0]) if fitted else None  # [ObjectRef] from the fit task
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        logits, emb = self._embed(batch["image"])
+        logits, emb = self.embed(batch["image"])
         scores = compute_scores(self.names, logits, emb,
                                 self.model.head.class_weights.detach().float().cpu(), self.fitted)
         out = {"dataset": batch["dataset"], "label": batch["label"],
@@ -120,25 +134,30 @@ def _tag(batch: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
 
 
 def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
-    """The long scores frame for every finished classifier of the grid."""
+    """The long scores frame for every finished classifier of the experiment."""
     import ray.data
 
     storage = layout.storage
     use_gpu = resolve_use_gpu(cfg.evaluate.use_gpu)
     sets = test_sets(cfg, layout)
     data = _test_dataset(layout, sets).materialize()
+    evaluate = cfg.evaluate
+    fit_task = ray.remote(fit_train_features).options(num_cpus=evaluate.cpus_per_actor,
+                                                       num_gpus=1 if use_gpu else 0)
     frames = []
     for card in tqdm(finished_classifiers(cfg, layout), desc="scoring classifiers", unit="run"):
         directory = layout.classifier_dir(card["run"])
+        fitted = None
+        if NEEDS_TRAIN_FEATURES & set(evaluate.scores):
+            fitted = [fit_task.remote(storage.uri, directory, layout.id_split("train"),
+                                      evaluate.batch_size, use_gpu)]
         scored = data.map_batches(
-            Scorer, batch_size=cfg.evaluate.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.concurrency),
-            num_cpus=cfg.evaluate.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+            Scorer, batch_size=evaluate.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=evaluate.concurrency),
+            num_cpus=evaluate.cpus_per_actor, num_gpus=1 if use_gpu else 0,
             batch_format="numpy",
             fn_constructor_kwargs={"storage_root": storage.uri, "classifier_dir": directory,
-                                   "train_dir": layout.id_split("train"),
-                                   "score_names": list(cfg.evaluate.scores),
-                                   "batch_size": cfg.evaluate.batch_size,
+                                   "score_names": list(evaluate.scores), "fitted": fitted,
                                    "use_gpu": use_gpu}).to_pandas()
         long = scored.melt(id_vars=["dataset", "label", "pred"], var_name="score_name",
                            value_name="score")
