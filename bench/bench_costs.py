@@ -466,11 +466,11 @@ def stage_totals(exps: dict[str, Experiment],
         scored = n_runs * (n_test + ood)
         fit = 0
         if {"knn", "mahalanobis"} & set(e.scores):
-            fit = n_runs * e.concurrency * n_train  # every Scorer actor embeds the train set
+            fit = n_runs * n_train  # one fit task per classifier embeds the train set
         out.append(StageTotal(name, "evaluate",
                               f"{n_runs} runs x ({n_test:,} ID test + {ood:,} OOD) scored"
-                              + (f" + {n_runs} x {e.concurrency} actors x {n_train:,} train "
-                                 "images embedded for kNN/Mahalanobis" if fit else ""),
+                              + (f" + {n_runs} x {n_train:,} train images embedded once for "
+                                 "kNN/Mahalanobis" if fit else ""),
                               (scored + fit) * c_fwd))
     return out
 
