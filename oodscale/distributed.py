@@ -21,10 +21,13 @@ STATE_FILE = "state.json"
 
 
 def make_accelerator(mixed_precision: str, use_gpu: bool):
-    """An Accelerator inside a Ray Train worker; bf16 on GPU is the scale-out setting."""
+    """An Accelerator inside a Ray Train worker; bf16 on GPU is the scale-out setting.
+
+    fp16 needs a GPU, so a CPU worker asked for fp16 trains in fp32 instead.
+    """
     from accelerate import Accelerator
 
-    precision = mixed_precision if use_gpu else ("bf16" if mixed_precision == "bf16" else "no")
+    precision = "no" if (mixed_precision == "fp16" and not use_gpu) else mixed_precision
     return Accelerator(mixed_precision=precision, cpu=not use_gpu)
 
 
