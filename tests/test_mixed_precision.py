@@ -34,8 +34,8 @@ def test_bf16_oe_step_is_finite_and_updates_weights(loss):
     accelerator.backward(loss_value)
     optimizer.step()
     assert torch.isfinite(loss_value)
-    changed = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
-    assert all(changed)
+    after = list(model.parameters())
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
 
 
 def test_fp16_on_cpu_falls_back_to_fp32():
