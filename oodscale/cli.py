@@ -141,15 +141,11 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     layout = layout_for(cfg)
     if command in NEEDS_RAY:
         init_ray(cfg, args.address)
-    started = time.time()
     try:
-        message = _timed(command, STAGES[command], cfg, layout)
+        _timed(command, STAGES[command], cfg, layout)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"oodscale {command}: error: {err}", file=sys.stderr)
         return 1
-    if command == "run":
-        print(message)
-        print(f"[oodscale] whole pipeline took {time.time() - started:.0f}s")
     return 0
 
 
