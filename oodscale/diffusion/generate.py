@@ -97,7 +97,8 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
                                              sha256=row["sha256"]))
             manifest.shards.sort(key=lambda s: s.path)
             write_manifest(storage, out_dir, manifest)
-    write_grid(cfg, layout, card, out_dir)
+    if todo or not storage.exists(f"{out_dir}/grid.png"):
+        write_grid(cfg, layout, card, out_dir)
     return manifest
 
 
