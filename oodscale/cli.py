@@ -117,6 +117,9 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
         parser.add_argument("command", choices=sorted(STAGES))
     parser.add_argument("--config", help="experiment YAML (default configs/digits.yaml)")
     parser.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else local)")
+    parser.add_argument("--ood", action="append", default=[],
+                        metavar="NAME=PATH[,webdataset][,near]",
+                        help="add your own OOD test set (ImageFolder tree by default); repeatable")
     parser.add_argument("rest", nargs="*", metavar="CONFIG_OR_KEY=VALUE",
                         help="the config path (if --config is not given), then dotted "
                              "overrides such as train.epochs=3")
@@ -130,11 +133,11 @@ def _split_rest(config: str | None, rest: list[str]) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None, stage: str | None = None) -> int:
-    args = _parser(stage).parse_args(argv)
+    args = _parser(stage).parse_intermixed_args(argv)
     command = stage or args.command
     config_path, overrides = _split_rest(args.config, args.rest)
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(config_path, overrides, args.ood)
     except ConfigError as err:
         print(f"oodscale: {err}", file=sys.stderr)
         return 2

@@ -203,6 +203,23 @@ class ExperimentConfig(_Section):
         return {"digits": 10, "cifar10": 10}.get(self.data.source, 0)
 
 
+def parse_ood_flag(text: str) -> OODSetSource:
+    """`NAME=PATH[,webdataset][,near]` (the `--ood` flag) → a bring-your-own OOD set."""
+    name, sep, rest = text.partition("=")
+    parts = rest.split(",")
+    options = set(parts[1:])
+    unknown = options - {"webdataset", "imagefolder", "near", "far"}
+    if not sep or not name or not parts[0] or unknown:
+        raise ConfigError(f"--ood {text!r}: expected NAME=PATH with optional ,webdataset and "
+                          f",near (e.g. --ood mine=/data/ood,near)")
+    try:
+        return OODSetSource(name=name, path=parts[0],
+                            format="webdataset" if "webdataset" in options else "imagefolder",
+                            group="near" if "near" in options else "far")
+    except ValidationError as err:
+        raise ConfigError(f"--ood {text!r}: {_format_errors(err)}") from None
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -247,8 +264,12 @@ def build_config(tree: dict[str, Any], overrides: list[str] | None = None) -> Ex
         raise ConfigError(_format_errors(err)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment; its file stem is the experiment name unless `name` is set."""
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                extra_ood: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment; its file stem is the experiment name unless `name` is set.
+
+    `extra_ood` holds `--ood NAME=PATH[,webdataset][,near]` flags, appended to data.extra_ood.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (try configs/digits.yaml)")
@@ -259,7 +280,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree)}")
     tree.setdefault("name", path.stem)
-    return build_config(tree, overrides)
+    cfg = build_config(tree, overrides)
+    added = [parse_ood_flag(text) for text in extra_ood or []]
+    if added:
+        cfg.data.extra_ood = [*cfg.data.extra_ood, *added]
+    names = [s.name for s in cfg.data.extra_ood] + list(cfg.data.ood_sets)
+    duplicate = sorted({n for n in names if names.count(n) > 1})
+    if duplicate:
+        raise ConfigError(f"OOD set name(s) {duplicate} used twice in data.ood_sets / "
+                          f"data.extra_ood / --ood; give each set its own name")
+    return cfg
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, num_workers: int) -> int:

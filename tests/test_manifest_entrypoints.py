@@ -22,6 +22,6 @@ def test_entrypoints_parse_and_validate(profile):
         assert script.is_file(), argv[1]
         stage = script.read_text().split('job_main("')[1].split('")')[0]
         assert stage in STAGES
-        args = _parser(stage).parse_args(argv[2:])
+        args = _parser(stage).parse_intermixed_args(argv[2:])
         config, overrides = _split_rest(args.config, args.rest)
         load_config(ROOT / config, overrides)  # raises ConfigError naming the key

@@ -64,9 +64,9 @@ def test_bring_your_own_ood_sets(tmp_path, ray_cluster):
     (shards / "part-000000.tar").write_bytes(tar_bytes([("s0", pixels, {}), ("s1", pixels, {})])[0])
     root = tmp_path / "runs"
     overrides = [f"storage.root={root}", "data.ood_sets=[openset]", "data.ood_samples=10",
-                 f"data.extra_ood=[{{name: mine, path: '{folder}'}}, "
-                 f"{{name: theirs, path: '{shards}', format: webdataset, group: near}}]"]
-    assert main(["prepare", CONFIG, *overrides]) == 0
+                 f"data.extra_ood=[{{name: mine, path: '{folder}'}}]"]  # by path in config ...
+    # ... and on the command line
+    assert main(["prepare", CONFIG, "--ood", f"theirs={shards},webdataset,near", *overrides]) == 0
     storage = open_storage(str(root))
     mine = read_manifest(storage, storage.path("digits", "data", "ood", "mine"))
     theirs = read_manifest(storage, storage.path("digits", "data", "ood", "theirs"))
@@ -88,3 +88,11 @@ def test_missing_imagefolder_is_a_clear_error(tmp_path, ray_cluster, capsys):
 def test_id_class_out_of_range(tmp_path, bad, capsys, ray_cluster):
     assert main(["prepare", CONFIG, f"storage.root={tmp_path}", bad]) == 1
     assert "out of range" in capsys.readouterr().err
+
+
+def test_ood_flag_errors_name_the_problem(tmp_path, capsys):
+    assert main(["prepare", CONFIG, "--ood", "bad", f"storage.root={tmp_path}"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    root = f"storage.root={tmp_path}"
+    assert main(["prepare", CONFIG, "--ood", f"openset={tmp_path}", root]) == 2
+    assert "used twice" in capsys.readouterr().err
