@@ -8,35 +8,28 @@ directory under the same shard names; the manifest records the kept fraction.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from oodscale.classify.checkpoints import load_classifier
+from oodscale.classify.checkpoints import LoadedClassifier
 from oodscale.data.shards import Manifest, ShardInfo, iter_samples, read_manifest, write_manifest
 from oodscale.data.shards import write_shard as write_one_shard
-from oodscale.data.streams import to_model_input
 from oodscale.runtime import RunLayout, open_storage
 
 
-class AmbiguityFilter:
+class AmbiguityFilter(LoadedClassifier):
     """Ray Data callable class: the plain classifier loaded once per actor."""
 
     def __init__(self, storage_root: str, classifier_dir: str, source_dir: str, dest_dir: str,
                  tau: float):
+        super().__init__(storage_root, classifier_dir)
         self.storage = open_storage(storage_root)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.model, self.card = load_classifier(
-                self.storage.fetch_dir(classifier_dir, Path(tmp)))
         self.source_dir, self.dest_dir, self.tau = source_dir, dest_dir, tau
 
-    @torch.no_grad()
     def msp(self, images: np.ndarray) -> np.ndarray:
-        x = to_model_input(torch.as_tensor(images.transpose(0, 3, 1, 2).copy()))
-        logits, _ = self.model.embed_and_logits(x)
+        """Max softmax probability of N×H×W×C uint8 images."""
+        logits, _ = self.embed(images.transpose(0, 3, 1, 2))
         return logits.softmax(1).max(1).values.numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:

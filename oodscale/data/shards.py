@@ -150,12 +150,17 @@ def verify_shards(storage: Storage, directory: str) -> Manifest:
     return manifest
 
 
+def iter_raw_samples(storage: Storage, path: str) -> Iterator[dict[str, Any]]:
+    """Undecoded WebDataset samples ({"__key__", extension: bytes, ...}) of one tar."""
+    stream = io.BytesIO(storage.read_bytes(path))
+    files = ({**f, "__url__": path} for f in tar_file_iterator(stream))
+    yield from group_by_keys(files)
+
+
 def iter_samples(storage: Storage, path: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
     """Decoded (key, image H×W×C uint8, meta) samples of one shard, read in-process."""
     try:
-        stream = io.BytesIO(storage.read_bytes(path))
-        files = ({**f, "__url__": path} for f in tar_file_iterator(stream))
-        for sample in group_by_keys(files):
+        for sample in iter_raw_samples(storage, path):
             yield sample["__key__"], decode_png(sample["png"]), json.loads(sample["json"])
     except Exception as err:  # tarfile, PIL and json all raise their own types
         raise ShardError(f"cannot read shard {path}: {err}; verify with `oodscale verify`") from err

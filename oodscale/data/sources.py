@@ -21,6 +21,7 @@ from oodscale.data.builtin import resize
 from oodscale.data.shards import (
     Manifest,
     ShardInfo,
+    iter_raw_samples,
     shard_name,
     try_read_manifest,
     write_manifest,
@@ -219,8 +220,6 @@ def prepare_extra_ood(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> 
 
 def _webdataset_images(source: OODSetSource, size: int, channels: int) -> np.ndarray:
     """Every image of a user's WebDataset shards (any image member), resized."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
     storage = open_storage(source.path)
     infos = storage.fs.get_file_info(pafs.FileSelector(storage.base, recursive=True))
     tars = sorted(i.path for i in infos if i.path.endswith(".tar"))
@@ -228,9 +227,7 @@ def _webdataset_images(source: OODSetSource, size: int, channels: int) -> np.nda
         raise ValueError(f"OOD set {source.name}: no .tar shards under {source.path}")
     images = []
     for tar in tars:
-        files = ({**f, "__url__": tar}
-                 for f in tar_file_iterator(io.BytesIO(storage.read_bytes(tar))))
-        for sample in group_by_keys(files):
+        for sample in iter_raw_samples(storage, tar):
             key = next((k for k in sample if "." + k.split(".")[-1] in IMAGE_SUFFIXES), None)
             if key is None:
                 raise ValueError(f"OOD set {source.name}: sample {sample['__key__']} in {tar} "

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import Manifest, ShardInfo, try_read_manifest, write_manifest
 from oodscale.diffusion.mixup import one_hot
-from oodscale.diffusion.model import LabelConditionedUNet
+from oodscale.diffusion.model import load_unet
 from oodscale.diffusion.sample import ShardSampler, draw_labelmix, make_sampler, sample_images
 from oodscale.diffusion.train import MODEL_CARD
 from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
@@ -111,9 +111,7 @@ def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
     import matplotlib.pyplot as plt
 
     gen = cfg.generate
-    with tempfile.TemporaryDirectory() as tmp:
-        local = layout.storage.fetch_dir(f"{layout.diffusion_dir}/unet", Path(tmp))
-        model = LabelConditionedUNet.from_pretrained(local).eval()
+    model = load_unet(layout.storage, f"{layout.diffusion_dir}/unet")
     classes, per = card["num_classes"], gen.grid_per_class
     labels = one_hot(torch.arange(classes).repeat_interleave(per), classes)
     generator = torch.Generator().manual_seed(cfg.seed)

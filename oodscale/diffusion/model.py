@@ -9,12 +9,15 @@ a mix of two one-hots the label-mixup condition.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
+
+from oodscale.runtime import Storage
 
 
 class LabelConditionedUNet(ModelMixin, ConfigMixin):
@@ -53,3 +56,9 @@ def model_hash(directory: str | Path) -> str:
     for path in sorted(Path(directory).glob("*.safetensors")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def load_unet(storage: Storage, unet_dir: str) -> LabelConditionedUNet:
+    """The saved DDPM from any storage root, in eval mode."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return LabelConditionedUNet.from_pretrained(storage.fetch_dir(unet_dir, Path(tmp))).eval()

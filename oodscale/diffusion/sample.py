@@ -8,8 +8,6 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +17,7 @@ from oodscale.config import GenerateConfig
 from oodscale.data.shards import shard_name, write_shard
 from oodscale.data.streams import from_model_output
 from oodscale.diffusion.mixup import distinct_pairs, mixup_labels, sample_lambdas
-from oodscale.diffusion.model import LabelConditionedUNet
+from oodscale.diffusion.model import LabelConditionedUNet, load_unet
 from oodscale.runtime import derive_seed, open_storage
 
 
@@ -83,9 +81,7 @@ class ShardSampler:
                  timesteps: int, run_seed: int, model_hash: str, use_gpu: bool):
         self.storage = open_storage(storage_root)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        with tempfile.TemporaryDirectory() as tmp:
-            local = self.storage.fetch_dir(model_dir, Path(tmp))
-            self.model = LabelConditionedUNet.from_pretrained(local).to(self.device).eval()
+        self.model = load_unet(self.storage, model_dir).to(self.device)
         self.gen = GenerateConfig.model_validate(gen)
         self.out_dir, self.timesteps = out_dir, timesteps
         self.run_seed, self.model_hash = run_seed, model_hash

@@ -19,34 +19,16 @@ import pyarrow.fs as pafs
 import torch
 from tqdm import tqdm
 
-from oodscale.classify.checkpoints import CARD, load_classifier
+from oodscale.classify.checkpoints import CARD, LoadedClassifier
 from oodscale.classify.train import grid
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths
-from oodscale.data.streams import read_shards, to_model_input
+from oodscale.data.streams import read_shards
 from oodscale.evaluate.detectors import FittedFeatures, compute_scores, fit_features
 from oodscale.evaluate.report import aggregate, write_report
 from oodscale.runtime import RunLayout, open_storage, resolve_use_gpu
 
 NEEDS_TRAIN_FEATURES = {"knn", "mahalanobis"}
-
-
-class LoadedClassifier:
-    """A finished classifier on this process's device, embedding uint8 image batches."""
-
-    def __init__(self, storage_root: str, classifier_dir: str, use_gpu: bool = False):
-        storage = open_storage(storage_root)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        with tempfile.TemporaryDirectory() as tmp:
-            model, self.card = load_classifier(storage.fetch_dir(classifier_dir, Path(tmp)))
-        self.model = model.to(self.device)
-
-    @torch.no_grad()
-    def embed(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, embeddings) on the CPU for C×H×W uint8 images."""
-        x = to_model_input(torch.as_tensor(images)).to(self.device)
-        logits, embeddings = self.model.embed_and_logits(x)
-        return logits.float().cpu(), embeddings.float().cpu()
 
 
 def fit_train_features(storage_root: str, classifier_dir: str, train_dir: str,
