@@ -27,7 +27,7 @@ def test_bf16_oe_step_is_finite_and_updates_weights(loss):
     model, optimizer = accelerator.prepare(model, optimizer)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(12, 1, 16, 16)
-    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, -1, -1, -1, -1])
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])  # rows 8-11 are outliers
     with accelerator.autocast():
         logits, _, id_loss = model(x, y)
         loss_value = id_loss + 0.5 * kl_to_uniform(logits[8:].float())

@@ -56,14 +56,13 @@ def _model(head: str = "arcface") -> OODClassifier:
 def test_forward_returns_logits_for_all_rows_and_loss_on_id_rows_only() -> None:
     model = _model().eval()  # eval: BatchNorm does not mix rows, so rows are independent
     images = torch.rand(6, 1, 16, 16) * 2 - 1
-    labels = torch.tensor([0, 1, -1, 2, -1, 4])
+    labels = torch.tensor([0, 1, 2, 4])  # rows 0-3 are ID, rows 4-5 outliers
     logits, embeddings, id_loss = model(images, labels)
     assert logits.shape == (6, NUM_CLASSES)
     assert embeddings.shape == (6, DIM)
-    keep = labels >= 0
-    torch.testing.assert_close(id_loss, model.head.id_loss(embeddings[keep], labels[keep]))
+    torch.testing.assert_close(id_loss, model.head.id_loss(embeddings[:4], labels))
     # Changing the outlier images leaves the ID loss as it was.
-    images[labels < 0] = torch.rand(2, 1, 16, 16)
+    images[4:] = torch.rand(2, 1, 16, 16)
     _, _, id_loss_again = model(images, labels)
     torch.testing.assert_close(id_loss_again, id_loss)
     torch.testing.assert_close(model.embed_and_logits(images)[0], model(images, labels)[0])
@@ -71,19 +70,24 @@ def test_forward_returns_logits_for_all_rows_and_loss_on_id_rows_only() -> None:
 
 def test_outlier_only_batch_gives_a_connected_zero_loss() -> None:
     model = _model()
-    _, _, id_loss = model(torch.rand(3, 1, 16, 16), torch.full((3,), -1))
+    _, _, id_loss = model(torch.rand(3, 1, 16, 16), torch.empty(0, dtype=torch.long))
     assert id_loss.item() == 0.0
     id_loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_more_labels_than_images_is_an_error() -> None:
+    with pytest.raises(ValueError, match="labels cover the ID rows"):
+        _model()(torch.rand(2, 1, 16, 16), torch.zeros(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("head", LOSS_NAMES)
 def test_oe_step_reaches_every_parameter(head: str) -> None:
     model = _model(head).train()
     images = torch.rand(8, 1, 16, 16) * 2 - 1
-    labels = torch.tensor([0, 1, 2, 3, 4, 0, -1, -1])
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])  # rows 6-7 are outliers
     logits, _, id_loss = model(images, labels)
-    (id_loss + 0.5 * kl_to_uniform(logits[labels < 0])).backward()
+    (id_loss + 0.5 * kl_to_uniform(logits[6:])).backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 

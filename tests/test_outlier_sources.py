@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodscale.classify.outliers import noise_outliers, pixelmix_outliers
+from oodscale.classify.outliers import OutlierStream, noise_outliers, pixelmix_outliers
 from oodscale.config import ConfigError, load_config
 from oodscale.diffusion.mixup import distinct_pairs
 from oodscale.diffusion.variants import LabelmixVariant, check_source_name, labelmix_variant
@@ -42,8 +42,27 @@ def test_pixelmix_mixes_images_of_different_classes():
     out = pixelmix_outliers(images, labels, 50, torch.Generator().manual_seed(0))
     assert out.shape == (50, 1, 4, 4)
     assert torch.allclose(out, torch.zeros_like(out))  # always one -1 and one +1 image
+    # A batch of one class mixes within it rather than stalling the step on a host check.
+    same = pixelmix_outliers(images[::2], labels[::2], 4, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, torch.full_like(same, -1.0))
+
+
+def test_pixelmix_partners_are_uniform_over_other_class_rows():
+    images = torch.eye(6).view(6, 6, 1, 1)  # row i is the basis image e_i: mixes decode
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = pixelmix_outliers(images, labels, 6000, torch.Generator().manual_seed(0))
+    picked = (out.view(6000, 6) > 0).nonzero()[:, 1].view(6000, 2)  # the two rows mixed
+    assert (labels[picked[:, 0]] != labels[picked[:, 1]]).all()
+    pair_counts = torch.zeros(6, 6)
+    pair_counts.index_put_((picked[:, 0], picked[:, 1]), torch.ones(6000), accumulate=True)
+    counts = pair_counts[pair_counts > 0]
+    assert counts.numel() == 12  # every cross-class pair of rows occurs...
+    assert counts.min() > 0.6 * counts.mean()  # ...about equally often
+
+
+def test_pixelmix_source_refuses_one_class_data():
     with pytest.raises(ValueError, match="two classes"):
-        pixelmix_outliers(images[:1], labels[:1], 4, torch.Generator())
+        OutlierStream("pixelmix", 4, 1, 0, "cpu")
 
 
 def test_labelmix_pairs_have_provenance_fields_in_range():

@@ -22,8 +22,8 @@ class AmbiguityFilter(LoadedClassifier):
     """Ray Data callable class: the plain classifier loaded once per actor."""
 
     def __init__(self, storage_root: str, classifier_dir: str, source_dir: str, dest_dir: str,
-                 tau: float):
-        super().__init__(storage_root, classifier_dir)
+                 tau: float, use_gpu: bool = False):
+        super().__init__(storage_root, classifier_dir, use_gpu)
         self.storage = open_storage(storage_root)
         self.source_dir, self.dest_dir, self.tau = source_dir, dest_dir, tau
 
@@ -49,7 +49,8 @@ class AmbiguityFilter(LoadedClassifier):
 
 
 def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifier_run: str,
-                     tau: float, concurrency: int, cpus_per_actor: float) -> Manifest:
+                     tau: float, concurrency: int, cpus_per_actor: float,
+                     use_gpu: bool = False) -> Manifest:
     """Write the filtered copy of `source_dir`; reuses it when done with the same τ and model."""
     import ray.data
 
@@ -65,11 +66,12 @@ def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifi
     rows = ray.data.from_items([{"path": s.path} for s in source.shards],
                                override_num_blocks=len(source.shards))
     rows = rows.map_batches(
-        AmbiguityFilter, batch_size=1, num_cpus=cpus_per_actor,
+        AmbiguityFilter, batch_size=1, num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=min(concurrency, len(source.shards))),
         fn_constructor_kwargs={"storage_root": storage.uri,
                                "classifier_dir": layout.classifier_dir(classifier_run),
-                               "source_dir": source_dir, "dest_dir": dest_dir, "tau": tau})
+                               "source_dir": source_dir, "dest_dir": dest_dir, "tau": tau,
+                               "use_gpu": use_gpu})
     results = rows.take_all()
     total = sum(int(r["total"]) for r in results)
     kept = sum(int(r["count"]) for r in results)

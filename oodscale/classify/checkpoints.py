@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from oodscale.classify.models import OODClassifier, build_classifier
 from oodscale.data.streams import to_model_input
+from oodscale.devices import worker_device
 from oodscale.runtime import open_storage
 
 WEIGHTS = "model.safetensors"
@@ -44,18 +45,25 @@ def load_classifier(directory: Path) -> tuple[OODClassifier, dict[str, Any]]:
 
 
 class LoadedClassifier:
-    """A finished classifier from any storage root, on this process's device, for inference."""
+    """A finished classifier from any storage root, on this worker's device, for inference."""
 
     def __init__(self, storage_root: str, classifier_dir: str, use_gpu: bool = False):
         storage = open_storage(storage_root)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = worker_device(use_gpu)
         with tempfile.TemporaryDirectory() as tmp:
             model, self.card = load_classifier(storage.fetch_dir(classifier_dir, Path(tmp)))
         self.model = model.to(self.device)
 
     @torch.no_grad()
+    def embed_on_device(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, embeddings) on the model's device for C×H×W uint8 images.
+
+        The images travel as uint8 (a quarter of float32's bytes) and become floats there.
+        """
+        x = to_model_input(torch.as_tensor(images).to(self.device, non_blocking=True))
+        return self.model.embed_and_logits(x)
+
     def embed(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, embeddings) on the CPU for C×H×W uint8 images."""
-        x = to_model_input(torch.as_tensor(images)).to(self.device)
-        logits, embeddings = self.model.embed_and_logits(x)
+        """(logits, embeddings) as float32 on the CPU."""
+        logits, embeddings = self.embed_on_device(images)
         return logits.float().cpu(), embeddings.float().cpu()

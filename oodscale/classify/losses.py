@@ -133,7 +133,8 @@ class AdaCosHead(ClassifierHead):
         non_target = (self.scale * cosine).masked_fill(target, float("-inf"))
         # B_avg = mean over rows of Σ_{k≠y} exp(s·cos θ_k); its log via logsumexp cannot overflow.
         log_b_avg = torch.logsumexp(non_target.flatten(), dim=0) - math.log(cosine.shape[0])
-        theta = torch.acos(cosine[target].clamp(-1.0, 1.0))
+        # gather, not a boolean mask: a mask index waits for the GPU to count its rows.
+        theta = torch.acos(cosine.gather(1, labels[:, None]).squeeze(1).clamp(-1.0, 1.0))
         theta_med = torch.clamp(theta.median(), max=math.pi / 4)
         self.scale.copy_(log_b_avg / torch.cos(theta_med))
 

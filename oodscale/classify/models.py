@@ -216,8 +216,10 @@ def build_backbone(name: str, in_channels: int, image_size: int, embedding_dim: 
 class OODClassifier(nn.Module):
     """Backbone + head in one forward, so DDP sees and syncs every parameter each step.
 
-    A training batch mixes ID rows (label ≥ 0) and outlier rows (label −1): all rows get logits
-    (the OE term needs them), only ID rows enter the head's loss.
+    A training batch stacks ID rows first and outlier rows after them: all rows get logits (the
+    OE term needs them), only the first `len(labels)` rows enter the head's loss. Splitting by
+    position rather than by a label mask keeps the step free of host syncs and of tensors built
+    on the wrong device.
     """
 
     def __init__(self, backbone: nn.Module, head: ClassifierHead) -> None:
@@ -231,11 +233,17 @@ class OODClassifier(nn.Module):
         return self.head.logits(embeddings), embeddings
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(logits, embeddings, id_loss); id_loss is a graph-connected zero without ID rows."""
+        """(logits, embeddings, id_loss) for images whose first len(labels) rows are ID.
+
+        id_loss is a graph-connected zero when there are no ID rows.
+        """
+        n_id = len(labels)
+        if n_id > len(images):
+            raise ValueError(f"{n_id} labels for {len(images)} images: labels cover the ID rows, "
+                             "which come first")
         logits, embeddings = self.embed_and_logits(images)
-        is_id = labels >= 0
-        if bool(is_id.any()):
-            id_loss = self.head.id_loss(embeddings[is_id], labels[is_id])
+        if n_id:
+            id_loss = self.head.id_loss(embeddings[:n_id], labels)
         else:
             id_loss = logits.sum() * 0.0
         return logits, embeddings, id_loss

@@ -16,8 +16,8 @@ import torch
 
 from oodscale.classify.ambiguity import filter_synthetic
 from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
-from oodscale.classify.losses import kl_to_uniform
-from oodscale.classify.outliers import noise_outliers, pixelmix_outliers
+from oodscale.classify.outliers import OutlierStream
+from oodscale.classify.step import STEP_FIGURES, oe_step
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
 from oodscale.data.streams import endless_batches, read_shards, to_model_input
@@ -29,7 +29,7 @@ from oodscale.distributed import (
     resumed_state,
     run_trainer,
 )
-from oodscale.runtime import RunLayout, derive_seed, seed_everything
+from oodscale.runtime import RunLayout, derive_seed, resolve_use_gpu, seed_everything
 
 
 @dataclass(frozen=True)
@@ -86,41 +86,27 @@ def classifier_loop(config: dict[str, Any]) -> None:
             lr_schedule.load_state_dict(torch.load(ckpt / "schedule.pt", weights_only=True))
             start_epoch = state["epoch"] + 1
     model, optimizer = accelerator.prepare(model, optimizer)
-    gen = torch.Generator().manual_seed(derive_seed(card["seed"], card["run"], "outliers", rank))
-    id_batches = endless_batches(ray.train.get_dataset_shard("id"), t.batch_size,
-                                 derive_seed(card["seed"], card["run"], "id", rank))
-    source = card["outliers"]
-    syn_batches = (endless_batches(ray.train.get_dataset_shard("outliers"), t.outlier_batch_size,
-                                   derive_seed(card["seed"], card["run"], "syn", rank))
-                   if source.startswith("labelmix") else None)
     device = accelerator.device
+    id_batches = endless_batches(ray.train.get_dataset_shard("id"), t.batch_size,
+                                 derive_seed(card["seed"], card["run"], "id", rank), device)
+    source = card["outliers"]
+    outliers = OutlierStream(
+        source, t.outlier_batch_size, card["num_classes"],
+        derive_seed(card["seed"], card["run"], "outliers", rank), device,
+        endless_batches(ray.train.get_dataset_shard("outliers"), t.outlier_batch_size,
+                        derive_seed(card["seed"], card["run"], "syn", rank), device)
+        if source.startswith("labelmix") else None)
     for epoch in range(start_epoch, t.epochs):
         model.train()
-        sums = {"loss": 0.0, "id_loss": 0.0, "oe_loss": 0.0, "correct": 0.0}
+        sums = torch.zeros(len(STEP_FIGURES), device=device)
         started = time.time()
         for _ in range(steps):
             batch = next(id_batches)
-            x = to_model_input(batch["image"])
-            y = batch["label"].long()
-            outliers = _outlier_batch(source, x, y, syn_batches, t.outlier_batch_size, gen)
-            n_id = len(y)
-            if outliers is not None:
-                y = torch.cat([y, torch.full((len(outliers),), -1, dtype=torch.long)])
-                x = torch.cat([x, outliers])
-            x, y = x.to(device), y.to(device)
-            with accelerator.autocast():
-                logits, _, id_loss = model(x, y)
-                oe_loss = kl_to_uniform(logits[n_id:].float())
-                loss = id_loss + t.lambda_oe * oe_loss
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
+            x, y = to_model_input(batch["image"]), batch["label"]
+            sums += oe_step(model, optimizer, accelerator, x, y, outliers.next(x, y),
+                            t.lambda_oe)
             lr_schedule.step()
-            sums["loss"] += loss.item()
-            sums["id_loss"] += id_loss.item()
-            sums["oe_loss"] += oe_loss.item()
-            sums["correct"] += (logits[:n_id].argmax(1) == y[:n_id]).float().mean().item()
-        metrics = {k: v / steps for k, v in sums.items()}
+        metrics = dict(zip(STEP_FIGURES, (sums / steps).tolist(), strict=True))  # one sync
         metrics.update(epoch=epoch, train_acc=100 * metrics.pop("correct"),
                        images_per_s=steps * t.batch_size / (time.time() - started))
         if epoch == t.epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
@@ -135,19 +121,6 @@ def classifier_loop(config: dict[str, Any]) -> None:
             report(metrics, accelerator, write)
         else:
             report(metrics, accelerator, None)
-
-
-def _outlier_batch(source: str, x: torch.Tensor, y: torch.Tensor, syn_batches, count: int,
-                   gen: torch.Generator) -> torch.Tensor | None:
-    if source == "none":
-        return None
-    if source.startswith("labelmix"):
-        return to_model_input(next(syn_batches)["image"])
-    if source == "noise":
-        return noise_outliers((count, *x.shape[1:]), gen)
-    if source == "pixelmix":
-        return pixelmix_outliers(x, y, count, gen)
-    raise ValueError(f"unknown outlier source {source!r}; valid: none, labelmix, noise, pixelmix")
 
 
 def train_one(cfg: ExperimentConfig, layout: RunLayout, spec: RunSpec, id_data, manifest: Manifest,
@@ -177,7 +150,8 @@ def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, variant: LabelmixVar
         gen = cfg.generate
         filtered = filter_synthetic(
             layout, layout.synthetic_variant(variant.unfiltered.dirname(default)), directory,
-            plain_ready(), gen.filter_tau, gen.concurrency, gen.cpus_per_actor)
+            plain_ready(), gen.filter_tau, gen.concurrency, gen.cpus_per_actor,
+            resolve_use_gpu(gen.use_gpu))
         print(f"[oodscale] ambiguity filter (tau {gen.filter_tau}) kept {filtered.extra['kept']}"
               f" of {filtered.extra['total']} samples ({100 * filtered.extra['kept_fraction']:.1f}"
               f"%) in {layout.storage.uri_of(directory)}", flush=True)

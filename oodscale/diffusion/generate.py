@@ -15,14 +15,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from oodscale.config import ExperimentConfig
+from oodscale.config import ExperimentConfig, GenerateConfig
 from oodscale.data.shards import Manifest, ShardInfo, try_read_manifest, write_manifest
+from oodscale.devices import worker_device
 from oodscale.diffusion.mixup import one_hot
 from oodscale.diffusion.model import load_unet
-from oodscale.diffusion.sample import ShardSampler, draw_labelmix, make_sampler, sample_images
+from oodscale.diffusion.sample import (
+    ShardSampler,
+    draw_labelmix,
+    make_sampler,
+    sample_images,
+    sampling_autocast,
+)
 from oodscale.diffusion.train import MODEL_CARD
 from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
-from oodscale.runtime import RunLayout, resolve_use_gpu
+from oodscale.runtime import RunLayout, open_storage, resolve_use_gpu
 
 
 def _generation_params(cfg: ExperimentConfig, card: dict[str, Any]) -> dict[str, Any]:
@@ -104,21 +111,39 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
 
 def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
                out_dir: str) -> str:
+    """Draw the sample grid in a Ray task with the sampling actors' resources: on a GPU worker
+    when generation uses GPUs, never on the driver's CPU."""
+    import ray
+
+    gen = cfg.generate
+    use_gpu = resolve_use_gpu(gen.use_gpu)
+    task = ray.remote(draw_grid).options(num_cpus=gen.cpus_per_actor,
+                                         num_gpus=1 if use_gpu else 0)
+    return ray.get(task.remote(layout.storage.uri, f"{layout.diffusion_dir}/unet", out_dir,
+                               gen.model_dump(), card, cfg.seed, use_gpu))
+
+
+def draw_grid(storage_root: str, model_dir: str, out_dir: str, gen_config: dict[str, Any],
+              card: dict[str, Any], seed: int, use_gpu: bool) -> str:
     """PNG grid: per class a row of ID samples, beside rows of label-mixup samples."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gen = cfg.generate
-    model = load_unet(layout.storage, f"{layout.diffusion_dir}/unet")
+    gen = GenerateConfig.model_validate(gen_config)
+    storage = open_storage(storage_root)
+    device = worker_device(use_gpu)
+    model = load_unet(storage, model_dir).to(device)
     classes, per = card["num_classes"], gen.grid_per_class
     labels = one_hot(torch.arange(classes).repeat_interleave(per), classes)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
     scheduler = make_sampler(gen.sampler, card["timesteps"], gen.steps)
-    id_images = sample_images(model, labels, gen.guidance, scheduler, generator)
-    id_images = id_images.add(1).div(2).permute(0, 2, 3, 1).numpy()
-    mix_images, metas = draw_labelmix(model, gen, card["timesteps"], cfg.seed + 1, classes * per)
+    with sampling_autocast(device):
+        id_images = sample_images(model, labels, gen.guidance, scheduler, generator, device)
+        mix_images, metas = draw_labelmix(model, gen, card["timesteps"], seed + 1,
+                                          classes * per, device)
+    id_images = id_images.float().add(1).div(2).permute(0, 2, 3, 1).cpu().numpy()
     fig, axes = plt.subplots(classes, 2 * per, figsize=(2 * per * 0.9, classes * 0.95))
     axes = np.atleast_2d(axes)
     names = card["class_names"]
@@ -130,13 +155,14 @@ def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
             _show(axes[r, per + c], mix_images[k] / 255.0,
                   f"{names[m['a']]}+{names[m['b']]}")
     fig.suptitle(f"left: ID samples per class | right: label-mixup outliers "
-                 f"(guidance {gen.guidance}, mode {gen.mode})", fontsize=8)
+                 f"(guidance {gen.guidance}, mode {gen.mode}; drawn on {device.type})",
+                 fontsize=8)
     fig.tight_layout()
     out = f"{out_dir}/grid.png"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "grid.png"
         fig.savefig(path, dpi=110)
-        layout.storage.write_bytes_atomic(out, path.read_bytes())
+        storage.write_bytes_atomic(out, path.read_bytes())
     plt.close(fig)
     return out
 

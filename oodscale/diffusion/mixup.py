@@ -12,8 +12,10 @@ import torch
 from oodscale.config import LambdaConfig
 
 
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+def one_hot(labels: torch.Tensor, num_classes: int, check: bool = True) -> torch.Tensor:
+    """Float one-hot rows on the labels' device; `check=False` skips the range check (a host
+    sync) for labels already checked when their shards were read."""
+    if check and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     return torch.nn.functional.one_hot(labels.long(), num_classes).float()

@@ -16,9 +16,15 @@ import torch
 from oodscale.config import GenerateConfig
 from oodscale.data.shards import shard_name, write_shard
 from oodscale.data.streams import from_model_output
+from oodscale.devices import worker_device
 from oodscale.diffusion.mixup import distinct_pairs, mixup_labels, sample_lambdas
 from oodscale.diffusion.model import LabelConditionedUNet, load_unet
 from oodscale.runtime import derive_seed, open_storage
+
+
+def sampling_autocast(device: torch.device):
+    """bf16 autocast on GPU workers (the scale-out setting); plain fp32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def make_sampler(kind: str, timesteps: int, steps: int):
@@ -80,7 +86,7 @@ class ShardSampler:
     def __init__(self, storage_root: str, model_dir: str, out_dir: str, gen: dict[str, Any],
                  timesteps: int, run_seed: int, model_hash: str, use_gpu: bool):
         self.storage = open_storage(storage_root)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = worker_device(use_gpu)
         self.model = load_unet(self.storage, model_dir).to(self.device)
         self.gen = GenerateConfig.model_validate(gen)
         self.out_dir, self.timesteps = out_dir, timesteps
@@ -90,8 +96,7 @@ class ShardSampler:
         out: dict[str, list[Any]] = {"shard": [], "path": [], "count": [], "sha256": []}
         for index in batch["shard"].tolist():
             seed = shard_seed(self.run_seed, index)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                enabled=self.device.type == "cuda"):  # bf16 on GPU workers
+            with sampling_autocast(self.device):
                 images, metas = draw_labelmix(self.model, self.gen, self.timesteps, seed,
                                               self.gen.samples_per_shard, self.device)
             samples = ((f"syn{index:06d}_{i:06d}", images[i], {**m, "model": self.model_hash})

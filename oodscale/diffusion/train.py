@@ -67,27 +67,29 @@ def diffusion_loop(config: dict[str, Any]) -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = make_scheduler(d.timesteps)
     num_classes = len(manifest.class_names)
+    device = accelerator.device
     batches = endless_batches(ray.train.get_dataset_shard("id"), d.batch_size,
-                              derive_seed(cfg.seed, "diffusion-batches", ctx.get_world_rank()))
+                              derive_seed(cfg.seed, "diffusion-batches", ctx.get_world_rank()),
+                              device)
     steps = config["steps_per_epoch"]
     for epoch in range(start_epoch, d.epochs):
         model.train()
-        total, started = 0.0, time.time()
+        total, started = torch.zeros((), device=device), time.time()
         for _ in range(steps):
             batch = next(batches)
-            x = to_model_input(batch["image"]).to(accelerator.device)
-            y = one_hot(batch["label"], num_classes).to(accelerator.device)
-            keep = (torch.rand(len(y), 1, device=y.device) >= d.p_uncond).float()
+            x = to_model_input(batch["image"])
+            y = one_hot(batch["label"], num_classes, check=False)  # checked when read
+            keep = (torch.rand(len(y), 1, device=device) >= d.p_uncond).float()
             noise = torch.randn_like(x)
-            t = torch.randint(0, d.timesteps, (len(x),), device=x.device)
+            t = torch.randint(0, d.timesteps, (len(x),), device=device)
             with accelerator.autocast():
                 pred = model(scheduler.add_noise(x, noise, t), t, y * keep)
                 loss = torch.nn.functional.mse_loss(pred.float(), noise)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
-            total += loss.item()
-        metrics = {"epoch": epoch, "loss": total / steps,
+            total += loss.detach()  # summed on the device, read once per epoch
+        metrics = {"epoch": epoch, "loss": total.item() / steps,
                    "images_per_s": steps * d.batch_size / (time.time() - started)}
         last = epoch == d.epochs - 1
         if last or (epoch + 1) % config["checkpoint_every"] == 0:

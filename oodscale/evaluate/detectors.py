@@ -31,16 +31,22 @@ class FittedFeatures:
     precision: torch.Tensor  # D x D, float64, pseudo-inverse of the tied covariance
     k: int
 
+    def to(self, device: torch.device | str) -> FittedFeatures:
+        """The same statistics on `device` (the fit task returns them on the CPU)."""
+        return FittedFeatures(self.train_normed.to(device), self.class_means.to(device),
+                              self.precision.to(device), self.k)
+
 
 def fit_features(
     embeddings: torch.Tensor, labels: torch.Tensor, k: int = 10, chunk: int = 4096
 ) -> FittedFeatures:
-    """Fit kNN/Mahalanobis statistics with per-chunk accumulation (memory bounded by ``chunk``).
+    """Fit kNN/Mahalanobis statistics with per-chunk accumulation (memory bounded by ``chunk``),
+    on the embeddings' device.
 
     Only classes that occur in ``labels`` get a mean, so non-contiguous label sets are fine.
     """
-    emb = embeddings.detach().float().cpu()
-    lab = labels.detach().cpu().long().ravel()
+    emb = embeddings.detach().float()
+    lab = labels.detach().long().ravel().to(emb.device)
     if emb.ndim != 2 or emb.shape[0] == 0:
         raise ValueError(f"embeddings must be a non-empty N x D tensor, got {tuple(emb.shape)}")
     if lab.shape[0] != emb.shape[0]:
@@ -52,8 +58,8 @@ def fit_features(
 
     _, cls = torch.unique(lab, return_inverse=True)
     n_cls, dim = int(cls.max()) + 1, emb.shape[1]
-    sums = torch.zeros(n_cls, dim, dtype=torch.float64)
-    counts = torch.zeros(n_cls, dtype=torch.float64)
+    sums = torch.zeros(n_cls, dim, dtype=torch.float64, device=emb.device)
+    counts = torch.zeros(n_cls, dtype=torch.float64, device=emb.device)
     for i in range(0, emb.shape[0], chunk):
         x, c = emb[i : i + chunk].double(), cls[i : i + chunk]
         sums.index_add_(0, c, x)
@@ -61,7 +67,7 @@ def fit_features(
     means = sums / counts[:, None]
 
     # Second pass: centring on the class mean before the outer product keeps float64 accurate.
-    scatter = torch.zeros(dim, dim, dtype=torch.float64)
+    scatter = torch.zeros(dim, dim, dtype=torch.float64, device=emb.device)
     for i in range(0, emb.shape[0], chunk):
         centred = emb[i : i + chunk].double() - means[cls[i : i + chunk]]
         scatter += centred.T @ centred

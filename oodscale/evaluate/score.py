@@ -33,7 +33,8 @@ NEEDS_TRAIN_FEATURES = {"knn", "mahalanobis"}
 
 def fit_train_features(storage_root: str, classifier_dir: str, train_dir: str,
                        batch_size: int, use_gpu: bool) -> FittedFeatures:
-    """kNN / Mahalanobis statistics from ID training embeddings, embedded in chunks.
+    """kNN / Mahalanobis statistics from ID training embeddings, embedded in chunks and fitted
+    on this task's device; returned on the CPU for the object store.
 
     Runs once per classifier (a Ray task); the scoring actors share the result.
     """
@@ -45,15 +46,16 @@ def fit_train_features(storage_root: str, classifier_dir: str, train_dir: str,
             chunk.append(image.transpose(2, 0, 1))
             labels.append(meta["label"])
             if len(chunk) == batch_size:
-                embeddings.append(clf.embed(np.stack(chunk))[1])
+                embeddings.append(clf.embed_on_device(np.stack(chunk))[1].float())
                 chunk = []
     if chunk:
-        embeddings.append(clf.embed(np.stack(chunk))[1])
-    return fit_features(torch.cat(embeddings), torch.as_tensor(labels))
+        embeddings.append(clf.embed_on_device(np.stack(chunk))[1].float())
+    fitted = fit_features(torch.cat(embeddings), torch.as_tensor(labels).to(clf.device))
+    return fitted.to("cpu")
 
 
 class Scorer(LoadedClassifier):
-    """Ray Data callable class: one classifier loaded once per actor."""
+    """Ray Data callable class: one classifier loaded once per actor, scoring on its device."""
 
     def __init__(self, storage_root: str, classifier_dir: str, score_names: list[str],
                  fitted: list | None = None, use_gpu: bool = False):
@@ -61,14 +63,15 @@ class Scorer(LoadedClassifier):
         import ray
 
         self.names = score_names
-        self.fitted = ray.get(fitted[0]) if fitted else None  # [ObjectRef] from the fit task
+        # [ObjectRef] from the fit task, moved to this actor's device once
+        self.fitted = ray.get(fitted[0]).to(self.device) if fitted else None
+        self.class_weights = self.model.head.class_weights.detach().float()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        logits, emb = self.embed(batch["image"])
-        scores = compute_scores(self.names, logits, emb,
-                                self.model.head.class_weights.detach().float().cpu(), self.fitted)
+        logits, emb = self.embed_on_device(batch["image"])
+        scores = compute_scores(self.names, logits, emb, self.class_weights, self.fitted)
         out = {"dataset": batch["dataset"], "label": batch["label"],
-               "pred": logits.argmax(1).numpy()}
+               "pred": logits.argmax(1).cpu().numpy()}
         out.update({f"score_{k}": v for k, v in scores.items()})
         return out
 

@@ -1,0 +1,31 @@
+"""One OE training step, shared by the Ray Train loop, the benchmarks and the GPU check.
+
+ID rows and outlier rows go through one forward pass (BatchNorm sees both); loss =
+L_id(ID rows) + λ_oe · KL(U ‖ softmax(logits of outlier rows)). The step returns its figures as
+one detached tensor on the device, so a loop sums them there and reads them once per epoch:
+an `.item()` per step would make the host wait for the GPU every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oodscale.classify.losses import kl_to_uniform
+
+STEP_FIGURES = ("loss", "id_loss", "oe_loss", "correct")
+
+
+def oe_step(model, optimizer, accelerator, x_id: torch.Tensor, y_id: torch.Tensor,
+            outliers: torch.Tensor | None, lambda_oe: float) -> torch.Tensor:
+    """Update the model once; returns (loss, id_loss, oe_loss, ID accuracy) on the device."""
+    n_id = len(y_id)
+    x = x_id if outliers is None else torch.cat([x_id, outliers])
+    with accelerator.autocast():
+        logits, _, id_loss = model(x, y_id)
+        oe_loss = kl_to_uniform(logits[n_id:].float())
+        loss = id_loss + lambda_oe * oe_loss
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    correct = (logits[:n_id].argmax(1) == y_id).float().mean()
+    return torch.stack([loss.float(), id_loss.float(), oe_loss.float(), correct]).detach()
