@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean install
+.PHONY: demo test test-fast lint clean install gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# Unit tests only (no Ray cluster): a quick loop while editing.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not integration"
+
+# Every stage on a GPU, then per-worker throughput (docs/gpu.md). Needs a CUDA GPU.
+gpu-check:
+	bench/gpu_check.sh --out docs/gpu_check_latest.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

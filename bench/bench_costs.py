@@ -33,7 +33,8 @@ matmul; so the default is `--threads 1` (per-core costs, much less sensitive to 
 
 The stage totals (on unless `--no-totals`) multiply the counted FLOPs by the image counts each
 stage of configs/cifar10.yaml and configs/imagenet.yaml processes and divide by an assumed
-sustained bf16 rate on an A100 / H100; those are estimates, not measurements (docs/scaling.md).
+sustained bf16 rate on an A100 / H100: a FLOP floor that GPU measurements contradict by 2-20x
+(docs/benchmarks.md "GPU, measured"); plan with docs/scaling.md section 5 instead.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from oodscale.classify.losses import build_head, kl_to_uniform
 from oodscale.classify.models import build_backbone, build_classifier
+from oodscale.classify.step import oe_step
 from oodscale.config import ExperimentConfig, load_config
 from oodscale.data import builtin
 from oodscale.data.shards import decode_png, tar_bytes
@@ -66,6 +68,7 @@ from oodscale.diffusion.model import LabelConditionedUNet
 from oodscale.diffusion.sample import make_sampler, sample_images
 from oodscale.diffusion.train import make_scheduler
 from oodscale.diffusion.variants import labelmix_variant
+from oodscale.distributed import make_accelerator
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("digits", "cifar10", "imagenet")
@@ -267,24 +270,23 @@ def sample_case(exp: Experiment, batch: int, steps: int, guidance: float, fwd_fl
 
 
 def clf_train_case(exp: Experiment, id_batch: int, out_batch: int, flops: float) -> Case:
+    """The training stage's own OE step (`oe_step`), fp32 through a CPU Accelerator."""
     t = exp.cfg.train
     torch.manual_seed(0)
+    accelerator = make_accelerator("no", use_gpu=False)
     model = build_classifier(t.backbone, "arcface", exp.channels, exp.size, exp.num_classes,
                              t.embedding_dim).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    n = id_batch + out_batch
-    x = torch.rand(n, exp.channels, exp.size, exp.size) * 2 - 1
-    y = torch.cat([torch.arange(id_batch) % exp.num_classes, torch.full((out_batch,), -1)])
+    model, opt = accelerator.prepare(model, opt)
+    x = torch.rand(id_batch, exp.channels, exp.size, exp.size) * 2 - 1
+    y = torch.arange(id_batch) % exp.num_classes
+    outliers = torch.rand(out_batch, exp.channels, exp.size, exp.size) * 2 - 1
 
     def step() -> None:
-        logits, _, id_loss = model(x, y)
-        loss = id_loss + 0.5 * kl_to_uniform(logits[id_batch:].float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        oe_step(model, opt, accelerator, x, y, outliers, 0.5)
 
     name = f"{exp.clf_label()} train, {id_batch} ID + {out_batch} outliers"
-    return Case("c", name, "image", n, step, flops)
+    return Case("c", name, "image", id_batch + out_batch, step, flops)
 
 
 def clf_eval_case(exp: Experiment, batch: int, flops: float) -> Case:
@@ -649,10 +651,11 @@ def main(argv: list[str] | None = None) -> int:
             lines.append("")
     if not args.no_totals:
         totals = stage_totals(exps, counted)
-        lines += ["Stage totals derived from the counted FLOPs and the configs (estimates, no GPU "
-                  "measured; see docs/scaling.md). Evaluate: as implemented, every scoring actor "
-                  "embeds the whole ID train set for kNN/Mahalanobis (counted), in fp32 (the bf16 "
-                  "rate flatters that row):", "", *totals_table(totals), ""]
+        lines += ["Stage totals from the counted FLOPs at an assumed 30-40 % of peak: a floor. "
+                  "Measured GPU throughput is 2-20x lower (docs/benchmarks.md, GPU, measured); "
+                  "plan with docs/scaling.md section 5. Evaluate: kNN/Mahalanobis embed the ID "
+                  "train set once per classifier (counted), in fp32:", "",
+                  *totals_table(totals), ""]
         cpu = cpu_totals(exps, totals, cases)
         if cpu:
             lines += ["CPU codec work around the stages, from the measured (d) rates (one core "

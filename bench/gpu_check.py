@@ -1,0 +1,353 @@
+"""The project's GPU check: every stage end to end on a GPU, then each worker's hot loop timed.
+
+    make gpu-check                                  # = bench/gpu_check.sh (installs, then this)
+    python bench/gpu_check.py --out gpu_check.md    # with the packages already importable
+
+Part 1 runs `oodscale prepare, train-diffusion, generate, train, evaluate` on a tiny digits
+config with every GPU flag on (bf16 for the DDPM and the classifiers, one GPU worker each) and
+every outlier source (none, labelmix, labelmix-w1, labelmix-filtered, noise, pixelmix) under
+ArcFace, plus the plain softmax classifier the filter needs, scored with every score. It fails
+when a stage raises or when results.parquet lacks a run or a score.
+
+Part 2 times, in this process on one GPU, what each worker does per step with the project's own
+classes (random weights, shapes from configs/cifar10.yaml and configs/imagenet.yaml): guided
+DDIM sampling of the cifar10 and imagenet UNets (bf16 autocast, as the sampling actors run it),
+a DDPM training step, one OE training step (`oe_step`, bf16 through Accelerate) of wrn40_2,
+resnet50@64 and resnet50@224 and of every loss head, the evaluation forward (fp32 and bf16) and
+kNN / Mahalanobis fitting and scoring. Sampling is timed over a few denoising steps and reported
+per 50 steps (the step cost does not depend on the step index).
+
+It prints one Markdown table headed by the card's name (and writes it to --out), and exits 1 when
+any case failed, 2 when there is no CUDA GPU. Sized to finish in about 5 minutes on one H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from oodscale.classify.losses import LOSS_NAMES  # noqa: E402
+from oodscale.classify.models import build_classifier  # noqa: E402
+from oodscale.classify.step import oe_step  # noqa: E402
+from oodscale.config import load_config  # noqa: E402
+from oodscale.diffusion.model import LabelConditionedUNet  # noqa: E402
+from oodscale.diffusion.sample import make_sampler, sample_images, sampling_autocast  # noqa: E402
+from oodscale.diffusion.train import make_scheduler  # noqa: E402
+from oodscale.distributed import make_accelerator  # noqa: E402
+from oodscale.evaluate.detectors import SCORE_NAMES, compute_scores, fit_features  # noqa: E402
+
+SOURCES = ["none", "labelmix", "labelmix-w1", "labelmix-filtered", "noise", "pixelmix"]
+PIPELINE = [
+    "data.ood_sets=[openset,textures,gaussian]", "data.ood_samples=64",
+    "diffusion.block_out_channels=[32,32]", "diffusion.epochs=1", "diffusion.batch_size=64",
+    "diffusion.num_workers=1", "diffusion.use_gpu=true", "diffusion.mixed_precision=bf16",
+    "generate.num_shards=2", "generate.samples_per_shard=128", "generate.steps=10",
+    "generate.concurrency=1", "generate.use_gpu=true", "generate.filter_tau=0.99",
+    "train.losses=[arcface]", f"train.outliers=[{','.join(SOURCES)}]", "train.epochs=1",
+    "train.num_workers=1", "train.use_gpu=true", "train.mixed_precision=bf16",
+    "evaluate.use_gpu=true", f"evaluate.scores=[{','.join(SCORE_NAMES)}]",
+]
+DDIM_STEPS = 50
+
+
+@dataclass
+class Settings:
+    """Where and how hard to time: the GPU at full batch, or `--smoke` (CPU, batch 2)."""
+
+    device: torch.device
+    smoke: bool = False
+
+    def batch(self, n: int) -> int:
+        return 2 if self.smoke else n
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+RUN = Settings(torch.device("cuda"))
+
+
+@dataclass
+class Row:
+    case: str
+    setting: str
+    value: str = ""
+    status: str = "ok"
+
+
+def synced_rate(fn: Callable[[], None], units: float, min_time: float = 1.0,
+                warmup: int = 2, max_iters: int = 200) -> float:
+    """Units per second of `fn` on the device, after warm-up, timed until `min_time` passed."""
+    if RUN.smoke:
+        warmup, max_iters = 1, 1
+    for _ in range(warmup):
+        fn()
+    RUN.sync()
+    start, iters = time.perf_counter(), 0
+    while iters < max_iters:
+        fn()
+        iters += 1
+        if iters >= 3 and time.perf_counter() - start >= min_time:
+            break
+    RUN.sync()
+    return units * iters / (time.perf_counter() - start)
+
+
+def fresh_accelerator(mixed_precision: str):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    return make_accelerator(mixed_precision, use_gpu=RUN.device.type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# Part 1: the pipeline, every stage on the GPU
+
+
+def run_pipeline(rows: list[Row]) -> None:
+    import pandas as pd
+
+    from oodscale.cli import main
+
+    config = str(ROOT / "configs" / "digits.yaml")
+    with tempfile.TemporaryDirectory() as root:
+        overrides = [f"storage.root={root}", *PIPELINE]
+        for stage in ("prepare", "train-diffusion", "generate", "train", "evaluate"):
+            started = time.perf_counter()
+            try:
+                code = main([stage, config, *overrides])
+                status = "ok" if code == 0 else f"FAILED (exit {code})"
+            except Exception as exc:  # noqa: BLE001 - a failed stage is a row, not a crash
+                traceback.print_exc()
+                status = f"FAILED ({type(exc).__name__}: {str(exc)[:120]})"
+            rows.append(Row(f"pipeline: {stage}", "digits, every GPU flag, bf16",
+                            f"{time.perf_counter() - started:.1f} s", status))
+            if status != "ok":
+                return
+        results = pd.read_parquet(Path(root) / "digits" / "eval" / "results.parquet")
+        runs = {f"arcface-{s}-s0" for s in SOURCES} | {"softmax-none-s0"}
+        missing_runs = sorted(runs - set(results["run"]))
+        missing_scores = sorted(set(SCORE_NAMES) - set(results["score_name"]))
+        ok = not missing_runs and not missing_scores
+        rows.append(Row("pipeline: results.parquet", f"{len(runs)} runs x {len(SCORE_NAMES)} "
+                        "scores", f"{len(results)} rows", "ok" if ok else
+                        f"FAILED (missing runs {missing_runs}, scores {missing_scores})"))
+
+
+# --------------------------------------------------------------------------------------------
+# Part 2: per-worker throughput
+
+
+def unet_for(name: str) -> tuple[LabelConditionedUNet, int, int]:
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    d = cfg.diffusion
+    classes = cfg.num_classes or 1000
+    model = LabelConditionedUNet(
+        num_classes=classes, sample_size=cfg.data.image_size, in_channels=cfg.data.channels,
+        block_out_channels=tuple(d.block_out_channels), layers_per_block=d.layers_per_block,
+        attention=d.attention)
+    return model, classes, cfg.generate.batch_size
+
+
+def sampling_case(name: str, guidance: float, timed_steps: int) -> Row:
+    model, classes, batch = unet_for(name)
+    batch, timed_steps = RUN.batch(batch), 1 if RUN.smoke else timed_steps
+    device = RUN.device
+    model = model.to(device).eval()
+    labels = torch.full((batch, classes), 0.0)
+    labels[:, 0], labels[:, 1] = 0.5, 0.5
+    generator = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        with sampling_autocast(device):
+            sample_images(model, labels, guidance, make_sampler("ddim", 1000, timed_steps),
+                          generator, device)
+
+    per_step_images = synced_rate(run, batch * timed_steps, warmup=1, max_iters=3)
+    return Row(f"sampling: {name} UNet", f"DDIM, guidance {guidance:g}, batch {batch}, bf16",
+               f"{per_step_images / DDIM_STEPS:,.1f} samples/s at {DDIM_STEPS} steps")
+
+
+def ddpm_train_case(name: str, batch: int) -> Row:
+    model, classes, _ = unet_for(name)
+    batch, device, cfg = RUN.batch(batch), RUN.device, model.config
+    accelerator = fresh_accelerator("bf16")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = make_scheduler(1000)
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    y = torch.nn.functional.one_hot(torch.arange(batch, device=device) % classes,
+                                    classes).float()
+
+    def step() -> None:
+        noise = torch.randn_like(x)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with accelerator.autocast():
+            loss = torch.nn.functional.mse_loss(
+                model(scheduler.add_noise(x, noise, t), t, y).float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+
+    return Row(f"DDPM train step: {name} UNet", f"bf16, batch {batch}",
+               f"{synced_rate(step, batch):,.0f} images/s")
+
+
+def oe_case(backbone: str, size: int, channels: int, classes: int, dim: int, n_id: int,
+            n_out: int, loss: str = "arcface") -> Row:
+    n_id, n_out, device = RUN.batch(n_id), RUN.batch(n_out), RUN.device
+    accelerator = fresh_accelerator("bf16")
+    model = build_classifier(backbone, loss, channels, size, classes, dim).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    x = torch.rand(n_id, channels, size, size, device=device) * 2 - 1
+    y = torch.arange(n_id, device=device) % classes
+    outliers = torch.rand(n_out, channels, size, size, device=device) * 2 - 1
+
+    def step() -> None:
+        oe_step(model, optimizer, accelerator, x, y, outliers, 0.5)
+
+    return Row(f"OE train step: {backbone}@{size}, {loss}",
+               f"bf16, {n_id} ID + {n_out} outliers", f"{synced_rate(step, n_id + n_out):,.0f} "
+               "rows/s")
+
+
+def eval_case(precision: str, batch: int = 1024) -> Row:
+    batch, device = RUN.batch(batch), RUN.device
+    model = build_classifier("wrn40_2", "arcface", 3, 32, 10, 128).to(device).eval()
+    x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype,
+                                             enabled=precision == "bf16"):
+            model.embed_and_logits(x)
+
+    return Row("evaluate forward: wrn40_2@32", f"{precision}, batch {batch}",
+               f"{synced_rate(forward, batch):,.0f} images/s")
+
+
+def knn_mahalanobis_case(n_train: int = 50_000, n_test: int = 10_000, dim: int = 128) -> Row:
+    n_train, n_test, device = RUN.batch(n_train // 100) * 100, RUN.batch(n_test), RUN.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    train = torch.randn(n_train, dim, device=device, generator=gen)
+    labels = torch.arange(n_train, device=device) % 10
+    test = torch.randn(n_test, dim, device=device, generator=gen)
+    logits = torch.randn(n_test, 10, device=device, generator=gen)
+
+    def run() -> None:
+        fitted = fit_features(train, labels)
+        compute_scores(["knn", "mahalanobis"], logits, test, None, fitted)
+
+    return Row("kNN + Mahalanobis: fit and score", f"{n_train:,} train x {n_test:,} test, "
+               f"dim {dim}", f"{synced_rate(run, n_test, warmup=1, max_iters=5):,.0f} "
+               "test images/s (fit included)")
+
+
+def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
+    cifar = load_config(ROOT / "configs" / "cifar10.yaml").train
+    imagenet = load_config(ROOT / "configs" / "imagenet.yaml").train
+    cases: list[tuple[str, Callable[[], Row]]] = [
+        ("sampling cifar10", lambda: sampling_case("cifar10", 3.0, 5)),
+        ("sampling imagenet", lambda: sampling_case("imagenet", 3.0, 3)),
+        ("ddpm train cifar10", lambda: ddpm_train_case("cifar10", 128)),
+        ("oe wrn40_2", lambda: oe_case("wrn40_2", 32, 3, 10, cifar.embedding_dim,
+                                       cifar.batch_size, cifar.outlier_batch_size)),
+        ("oe resnet50@64", lambda: oe_case("resnet50", 64, 3, 1000, imagenet.embedding_dim,
+                                           imagenet.batch_size, imagenet.outlier_batch_size)),
+        ("oe resnet50@224", lambda: oe_case("resnet50", 224, 3, 1000, imagenet.embedding_dim,
+                                            128, 128)),
+    ]
+    for loss in LOSS_NAMES:
+        if loss != "arcface":
+            cases.append((f"oe wrn40_2 {loss}", lambda loss=loss: oe_case(
+                "wrn40_2", 32, 3, 10, cifar.embedding_dim, cifar.batch_size,
+                cifar.outlier_batch_size, loss)))
+    cases += [("eval fp32", lambda: eval_case("fp32")), ("eval bf16", lambda: eval_case("bf16")),
+              ("knn/mahalanobis", knn_mahalanobis_case)]
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def header(started: float) -> list[str]:
+    if RUN.device.type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        card = (f"**{props.name}** ({props.total_memory / 2**30:.0f} GiB), "
+                f"{torch.cuda.device_count()} visible")
+    else:
+        card = "none: `--smoke` on the CPU, batch 2 (checks the script, times nothing)"
+    return [
+        f"## GPU check: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- card: {card}",
+        f"- torch {torch.__version__}, CUDA {torch.version.cuda}, python "
+        f"{platform.python_version()}, {platform.platform()}",
+        f"- command: `{' '.join(sys.argv)}`; took {time.perf_counter() - started:.0f} s",
+        "",
+    ]
+
+
+def table(rows: list[Row]) -> list[str]:
+    lines = ["| case | setting | result | status |", "|---|---|---:|---|"]
+    lines += [f"| {r.case} | {r.setting} | {r.value} | {r.status} |" for r in rows]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument("--skip-pipeline", action="store_true", help="timings only")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="skip the remaining timings after this many seconds (default 330)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run every timing case once on the CPU at batch 2 (no pipeline): "
+                             "checks the script itself where there is no GPU")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        RUN.device, RUN.smoke, args.skip_pipeline = torch.device("cpu"), True, True
+    elif not torch.cuda.is_available():
+        print("gpu_check: torch sees no CUDA GPU; this check needs one (nvidia-smi, CUDA torch)",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    rows: list[Row] = []
+    if not args.skip_pipeline:
+        run_pipeline(rows)
+    for name, case in throughput_cases():
+        if time.perf_counter() - started > args.budget_s:
+            rows.append(Row(name, "", "", f"skipped (past the {args.budget_s:.0f} s budget)"))
+            continue
+        try:
+            rows.append(case())
+        except Exception as exc:  # noqa: BLE001 - one failed case must not hide the others
+            traceback.print_exc()
+            rows.append(Row(name, "", "", f"FAILED ({type(exc).__name__}: {str(exc)[:120]})"))
+        torch.cuda.empty_cache()
+        print(f"[gpu_check] {rows[-1].case}: {rows[-1].value} {rows[-1].status}", flush=True)
+    report = "\n".join([*header(started), *table(rows), ""])
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    failed = [r for r in rows if r.status.startswith("FAILED")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The GPU check script itself, where there is no GPU: its config is valid, it refuses to run
+without CUDA, and `--smoke` runs every timing case once on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from oodscale.classify.losses import LOSS_NAMES
+from oodscale.classify.train import grid
+from oodscale.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pipeline_config_covers_every_source_and_score_with_every_gpu_flag(gpu_check, tmp_path):
+    cfg = load_config(ROOT / "configs" / "digits.yaml",
+                      [f"storage.root={tmp_path}", *gpu_check.PIPELINE])
+    assert {spec.outliers for spec in grid(cfg)} == set(gpu_check.SOURCES)
+    assert set(cfg.evaluate.scores) == set(gpu_check.SCORE_NAMES)
+    assert cfg.diffusion.use_gpu and cfg.generate.use_gpu and cfg.train.use_gpu
+    assert cfg.evaluate.use_gpu
+    assert cfg.diffusion.mixed_precision == cfg.train.mixed_precision == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_the_check_says_so_and_exits_2(gpu_check, capsys):
+    assert gpu_check.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_smoke_runs_every_timing_case_on_the_cpu(gpu_check, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "check.md"
+    try:
+        assert gpu_check.main(["--smoke", "--out", str(out)]) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+    table = out.read_text()
+    assert "FAILED" not in table and "skipped" not in table
+    for case in ("sampling: cifar10 UNet", "sampling: imagenet UNet", "DDPM train step",
+                 "wrn40_2@32, arcface", "resnet50@64, arcface", "resnet50@224, arcface",
+                 "evaluate forward", "kNN + Mahalanobis"):
+        assert case in table, case
+    for loss in LOSS_NAMES:
+        assert f"wrn40_2@32, {loss}" in table, loss
