@@ -84,6 +84,10 @@ class WorkerConfig(_Section):
     cpus_per_worker: float = Field(0.5, gt=0.0)
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
     mixed_precision: MixedPrecision = "no"
+    cache_mb: float = Field(
+        1024.0, ge=0.0,
+        description="A dataset whose rows for one worker fit in this many MB (uint8) is read once "
+                    "per run and kept on the worker's device; larger ones stream every pass.")
 
 
 class DiffusionConfig(WorkerConfig):

@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from oodscale.config import WorkerConfig
-from oodscale.runtime import RunLayout, resolve_use_gpu
+from oodscale.runtime import RunLayout, Storage, resolve_use_gpu
 
 STATE_FILE = "state.json"
 
@@ -71,41 +73,46 @@ def resumed_state() -> Iterator[tuple[Path | None, dict[str, Any]]]:
         yield path, json.loads((path / STATE_FILE).read_text())
 
 
-def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] | None) -> None:
-    """Every rank reports metrics; rank 0 alone writes and attaches a checkpoint."""
+def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] | None,
+           label: str = "", state: dict[str, Any] | None = None) -> None:
+    """Every rank reports metrics; rank 0 alone prints them, writes and attaches a checkpoint
+    whose state file holds the metrics plus `state` (what a resume needs to know)."""
     import ray.train
 
     if accelerator.is_main_process:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in metrics.items())
-        print(f"[oodscale] {shown}", flush=True)
+        print(f"[oodscale] {label}{': ' if label else ''}{shown}", flush=True)
     if write is None or not accelerator.is_main_process:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory)
         write(path)
-        (path / STATE_FILE).write_text(json.dumps(metrics, sort_keys=True))
+        (path / STATE_FILE).write_text(json.dumps({**metrics, **(state or {})}, sort_keys=True))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def copy_checkpoint(result, layout: RunLayout, destination: str) -> None:
-    """Publish the trainer's final checkpoint at `destination` (local or remote).
+    """Publish the trainer's final checkpoint at `destination` (local or remote)."""
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
+    publish_dir(layout.storage, result.checkpoint.path, destination,
+                result.checkpoint.filesystem)
+
+
+def publish_dir(storage: Storage, source: str, destination: str,
+                source_fs: pafs.FileSystem | None = None) -> None:
+    """Copy a directory to `destination` in storage, all files appearing at once.
 
     Files land in a staging directory first and are moved into place together, so a reader
     never sees a half-copied checkpoint.
     """
-    import pyarrow.fs as pafs
-
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
-    storage = layout.storage
     staging = f"{destination}.partial"
     if storage.exists(staging):
         storage.fs.delete_dir(staging)
     storage.makedirs(staging)
-    pafs.copy_files(result.checkpoint.path, staging,
-                    source_filesystem=result.checkpoint.filesystem,
+    pafs.copy_files(source, staging, source_filesystem=source_fs or pafs.LocalFileSystem(),
                     destination_filesystem=storage.fs)
     if storage.exists(destination):
         storage.fs.delete_dir(destination)

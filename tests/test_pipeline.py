@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -135,3 +136,20 @@ def test_rerun_skips_finished_stages(run_root, capsys):
     root, overrides = run_root
     assert main(["train", CONFIG, *overrides]) == 0
     assert "every classifier already trained" in capsys.readouterr().out
+
+
+def test_grid_cells_share_one_worker_group_and_resume_from_its_checkpoint(run_root):
+    root, overrides = run_root
+    ray_train = root / "digits" / "ray_train"
+    # One worker group for the unfiltered cells, one for the filtered: not one per cell.
+    assert sorted(p.name for p in ray_train.iterdir() if "classifiers" in p.name) == [
+        "digits-classifiers", "digits-classifiers-filtered"]
+    # The filtered group's last checkpoint is its last cell's last epoch; a lost publication
+    # of that cell is rebuilt from the checkpoint, not retrained.
+    cell = root / "digits" / "classifiers" / "arcface-labelmix-filtered-s0"
+    original = (cell / "model.safetensors").read_bytes()
+    shutil.rmtree(cell)
+    assert main(["train", CONFIG, *overrides]) == 0
+    card = json.loads((cell / "classifier.json").read_text())
+    assert card["train"]["first_epoch"] == 2  # = train.epochs: nothing left to train
+    assert (cell / "model.safetensors").read_bytes() == original

@@ -2,11 +2,19 @@
 
 Each step concatenates an ID batch and an outlier batch into one forward pass (BatchNorm sees
 both); loss = L_id(ID rows) + λ_oe · KL(U ‖ softmax(logits of outlier rows)).
+
+The cells of the grid share one Ray Train worker group: a group takes 20-30 s to start, more
+than a small cell trains. Its loop trains the pending cells one after another, publishes each
+under classifiers/<run> as it finishes, and resumes the cell it was in after a restart. Cells
+that use the ambiguity-filtered outliers need the plain classifier first, so they form a second
+group after the filter.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +28,24 @@ from oodscale.classify.outliers import OutlierStream
 from oodscale.classify.step import STEP_FIGURES, oe_step
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
-from oodscale.data.streams import endless_batches, read_shards, to_model_input
+from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
 from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
 from oodscale.distributed import (
-    copy_checkpoint,
     make_accelerator,
+    publish_dir,
     report,
     resumed_state,
     run_trainer,
 )
-from oodscale.runtime import RunLayout, derive_seed, resolve_use_gpu, seed_everything
+from oodscale.runtime import (
+    RunLayout,
+    derive_seed,
+    open_storage,
+    resolve_use_gpu,
+    seed_everything,
+)
+
+SUMMARY_KEYS = ("loss", "id_loss", "oe_loss", "train_acc", "images_per_s")
 
 
 @dataclass(frozen=True)
@@ -61,41 +77,79 @@ def _card(cfg: ExperimentConfig, spec: RunSpec, manifest: Manifest) -> dict[str,
             "lambda_oe": t.lambda_oe, "epochs": t.epochs}
 
 
+@dataclass
+class _Resume:
+    """What the last checkpoint holds: which cell, its epoch, its tensors (read once)."""
+
+    run: str
+    state: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+
+
+def _read_resume() -> _Resume | None:
+    from safetensors.torch import load_file
+
+    with resumed_state() as (ckpt, state):
+        if ckpt is None or "run" not in state:
+            return None
+        return _Resume(state["run"], state, load_file(str(ckpt / WEIGHTS)),
+                       torch.load(ckpt / "optimizer.pt", weights_only=True),
+                       torch.load(ckpt / "schedule.pt", weights_only=True))
+
+
 def classifier_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop for one grid cell."""
+    """Ray Train worker loop: every pending cell of `config["cards"]`, one after another."""
     import ray.train
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
     t = cfg.train
-    card = config["card"]
+    layout = RunLayout(open_storage(config["storage_root"]), cfg.name)
+    accelerator = make_accelerator(t.mixed_precision, config["use_gpu"])
+    data = {name: RankData(ray.train.get_dataset_shard(name), accelerator.device, cached)
+            for name, cached in config["cached"].items()}
+    resume = _read_resume()
+    for card in config["cards"]:
+        if layout.storage.exists(f"{layout.classifier_dir(card['run'])}/{CARD}"):
+            continue  # published by an earlier attempt of this run
+        train_cell(cfg, layout, card, accelerator, data, config,
+                   resume if resume is not None and resume.run == card["run"] else None)
+        accelerator.free_memory()  # drop the finished cell's model and optimizer
+
+
+def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], accelerator,
+               data: dict[str, RankData], config: dict[str, Any], resume: _Resume | None,
+               ) -> None:
+    """Train one grid cell in the worker group and publish it under classifiers/<run>."""
+    import ray.train
+
+    t = cfg.train
     rank = ray.train.get_context().get_world_rank()
     seed_everything(derive_seed(card["seed"], card["run"], "init"))  # same init on every rank
-    accelerator = make_accelerator(t.mixed_precision, config["use_gpu"])
     model = classifier_from_card(card)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     steps = config["steps_per_epoch"]
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.15)
-    start_epoch = 0
-    with resumed_state() as (ckpt, state):
-        if ckpt is not None:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(ckpt / WEIGHTS)))
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            lr_schedule.load_state_dict(torch.load(ckpt / "schedule.pt", weights_only=True))
-            start_epoch = state["epoch"] + 1
+    start_epoch, metrics = 0, {}
+    if resume is not None:
+        model.load_state_dict(resume.weights)
+        optimizer.load_state_dict(resume.optimizer)
+        lr_schedule.load_state_dict(resume.schedule)
+        start_epoch = resume.state["epoch"] + 1
+        metrics = {k: resume.state[k] for k in SUMMARY_KEYS if k in resume.state}
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
-    id_batches = endless_batches(ray.train.get_dataset_shard("id"), t.batch_size,
-                                 derive_seed(card["seed"], card["run"], "id", rank), device)
-    source = card["outliers"]
+    id_batches = data["id"].batches(t.batch_size, derive_seed(card["seed"], card["run"], "id",
+                                                              rank))
+    source, synthetic = card["outliers"], config["outlier_data"].get(card["run"])
     outliers = OutlierStream(
         source, t.outlier_batch_size, card["num_classes"],
         derive_seed(card["seed"], card["run"], "outliers", rank), device,
-        endless_batches(ray.train.get_dataset_shard("outliers"), t.outlier_batch_size,
-                        derive_seed(card["seed"], card["run"], "syn", rank), device)
-        if source.startswith("labelmix") else None)
+        data[synthetic].batches(t.outlier_batch_size,
+                                derive_seed(card["seed"], card["run"], "syn", rank))
+        if synthetic else None)
     for epoch in range(start_epoch, t.epochs):
         model.train()
         sums = torch.zeros(len(STEP_FIGURES), device=device)
@@ -109,6 +163,7 @@ def classifier_loop(config: dict[str, Any]) -> None:
         metrics = dict(zip(STEP_FIGURES, (sums / steps).tolist(), strict=True))  # one sync
         metrics.update(epoch=epoch, train_acc=100 * metrics.pop("correct"),
                        images_per_s=steps * t.batch_size / (time.time() - started))
+        write = None
         if epoch == t.epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
             unwrapped = accelerator.unwrap_model(model)
 
@@ -118,39 +173,59 @@ def classifier_loop(config: dict[str, Any]) -> None:
                 torch.save(optimizer.state_dict(), path / "optimizer.pt")
                 torch.save(lr_schedule.state_dict(), path / "schedule.pt")
 
-            report(metrics, accelerator, write)
-        else:
-            report(metrics, accelerator, None)
+        report(metrics, accelerator, write, label=card["run"], state={"run": card["run"]})
+    if accelerator.is_main_process:
+        # first_epoch > 0 says the cell resumed from a checkpoint rather than starting over
+        summary = {**{k: metrics.get(k) for k in SUMMARY_KEYS}, "first_epoch": start_epoch}
+        final = {**card, "epoch": t.epochs - 1, "step": t.epochs * steps, "train": summary}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_classifier(accelerator.unwrap_model(model), final, Path(tmp))
+            publish_dir(layout.storage, tmp, layout.classifier_dir(card["run"]))
+        print(f"[oodscale] trained {card['run']}", flush=True)
 
 
-def train_one(cfg: ExperimentConfig, layout: RunLayout, spec: RunSpec, id_data, manifest: Manifest,
-              outliers=None) -> dict[str, Any]:
-    """Train one grid cell (resuming if interrupted) and publish it under classifiers/<run>."""
+def train_group(cfg: ExperimentConfig, layout: RunLayout, specs: list[RunSpec], id_data,
+                manifest: Manifest, outlier_sets: dict[str, tuple[Any, Manifest]],
+                name: str) -> None:
+    """Train `specs` in one Ray Train worker group (resuming if interrupted).
+
+    `outlier_sets` maps a label-mixup directory name to its dataset and manifest.
+    """
     t = cfg.train
     steps = t.steps_per_epoch or steps_per_epoch(manifest.num_samples, t.batch_size,
                                                  t.num_workers)
-    datasets = {"id": id_data} if outliers is None else {"id": id_data, "outliers": outliers}
-    result = run_trainer(
+    default = cfg.generate.guidance
+    outlier_data = {}
+    for spec in specs:
+        variant = labelmix_variant(spec.outliers, default)
+        if variant is not None:
+            outlier_data[spec.name] = f"outliers:{variant.dirname(default)}"
+    datasets = {"id": id_data}
+    cached = {"id": rows_fit_in_cache(manifest, t.num_workers, t.cache_mb)}
+    for key in sorted(set(outlier_data.values())):
+        dataset, syn_manifest = outlier_sets[key.removeprefix("outliers:")]
+        datasets[key] = dataset
+        cached[key] = rows_fit_in_cache(syn_manifest, t.num_workers, t.cache_mb)
+    run_trainer(
         classifier_loop,
-        {"cfg": cfg.model_dump(), "card": _card(cfg, spec, manifest), "steps_per_epoch": steps,
-         "checkpoint_every": max(1, t.epochs // 3)},
-        datasets, t, layout, name=f"{cfg.name}-{spec.name}")
-    copy_checkpoint(result, layout, layout.classifier_dir(spec.name))
-    print(f"[oodscale] trained {spec.name}", flush=True)
-    return {"run": spec.name, **{k: result.metrics.get(k) for k in
-                                 ("loss", "id_loss", "oe_loss", "train_acc", "images_per_s")}}
+        {"cfg": cfg.model_dump(), "cards": [_card(cfg, s, manifest) for s in specs],
+         "storage_root": layout.storage.uri, "steps_per_epoch": steps,
+         "checkpoint_every": max(1, t.epochs // 3), "cached": cached,
+         "outlier_data": outlier_data},
+        datasets, t, layout, name=name)
 
 
 def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, variant: LabelmixVariant,
-                  manifest: Manifest, plain_ready) -> Any:
-    """The Ray Dataset of a label-mixup variant, filtering it first if it asks for that."""
+                  manifest: Manifest, plain: str | None) -> tuple[Any, Manifest]:
+    """The Ray Dataset and manifest of a label-mixup variant, filtered first if it asks for
+    that (by the finished plain classifier `plain`)."""
     default = cfg.generate.guidance
     directory = layout.synthetic_variant(variant.dirname(default))
     if variant.filtered:
         gen = cfg.generate
         filtered = filter_synthetic(
             layout, layout.synthetic_variant(variant.unfiltered.dirname(default)), directory,
-            plain_ready(), gen.filter_tau, gen.concurrency, gen.cpus_per_actor,
+            plain, gen.filter_tau, gen.concurrency, gen.cpus_per_actor,
             resolve_use_gpu(gen.use_gpu))
         print(f"[oodscale] ambiguity filter (tau {gen.filter_tau}) kept {filtered.extra['kept']}"
               f" of {filtered.extra['total']} samples ({100 * filtered.extra['kept_fraction']:.1f}"
@@ -160,37 +235,36 @@ def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, variant: LabelmixVar
         raise ValueError("the synthetic shards were drawn for other ID classes "
                          f"({syn_manifest.class_names} vs {manifest.class_names}); rerun "
                          "train-diffusion and generate for this config")
-    return data
+    return data, syn_manifest
 
 
 def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str, Any]]:
-    """Train every grid cell that has no finished checkpoint; returns one summary per run.
+    """Train every grid cell that has no finished checkpoint; returns one summary per run
+    trained now.
 
-    Filtered label-mixup variants need the plain classifier (softmax, no outliers, first seed)
-    first, so cells are trained in that order.
+    One worker group trains the cells that need no filtered outliers (and the plain classifier
+    the filter needs: softmax, no outliers, first seed); a second trains the filtered cells.
     """
     storage = layout.storage
     id_data, manifest = read_shards(storage, layout.id_split("train"))
+    default = cfg.generate.guidance
 
     def finished(spec: RunSpec) -> bool:
         return storage.exists(f"{layout.classifier_dir(spec.name)}/{CARD}")
 
+    pending = [s for s in grid(cfg) if not finished(s)]
+    filtered = [s for s in pending if s.outliers.endswith("-filtered")]
+    first = [s for s in pending if s not in filtered]
     plain = RunSpec("softmax", "none", cfg.train.seeds[0])
-    summaries: list[dict[str, Any]] = []
-
-    def plain_ready() -> str:
-        if not finished(plain):
-            summaries.append(train_one(cfg, layout, plain, id_data, manifest))
-        return plain.name
-
-    specs = sorted(grid(cfg), key=lambda s: s.outliers.endswith("-filtered"))
-    data_by_variant: dict[LabelmixVariant, Any] = {}
-    for spec in specs:
-        if finished(spec):
+    if filtered and not finished(plain) and plain not in first:
+        first.insert(0, plain)
+    for group, name in ((first, f"{cfg.name}-classifiers"),
+                        (filtered, f"{cfg.name}-classifiers-filtered")):
+        if not group:
             continue
-        variant = labelmix_variant(spec.outliers, cfg.generate.guidance)
-        if variant is not None and variant not in data_by_variant:
-            data_by_variant[variant] = _outlier_data(cfg, layout, variant, manifest, plain_ready)
-        summaries.append(train_one(cfg, layout, spec, id_data, manifest,
-                                   data_by_variant.get(variant)))
-    return summaries
+        variants = {labelmix_variant(s.outliers, default) for s in group} - {None}
+        outlier_sets = {v.dirname(default): _outlier_data(cfg, layout, v, manifest, plain.name)
+                        for v in sorted(variants, key=lambda v: (v.guidance, v.filtered))}
+        train_group(cfg, layout, group, id_data, manifest, outlier_sets, name)
+    return [{"run": s.name, **json.loads(storage.read_bytes(
+        f"{layout.classifier_dir(s.name)}/{CARD}")).get("train", {})} for s in pending]

@@ -86,6 +86,58 @@ def endless_batches(shard, batch_size: int, seed: int, device: torch.device | st
                              f"{batch_size}; lower the batch size or the number of workers")
 
 
+def rows_fit_in_cache(manifest, num_workers: int, cache_mb: float) -> bool:
+    """Whether one worker's share of a shard set fits `cache_mb` as uint8 images."""
+    per_image = manifest.channels * manifest.image_size ** 2
+    return manifest.num_samples * per_image / num_workers <= cache_mb * 2**20
+
+
+class RankData:
+    """This worker's rows of one dataset, as endless full batches on its device.
+
+    Small datasets are read once, kept on the device (uint8) and reshuffled each pass, so a run
+    reads them once however many epochs and grid cells it trains. Large ones stream through one
+    endless iterator per worker, which every cell of the run continues, so no Ray Data split is
+    ever left half-read.
+    """
+
+    def __init__(self, shard, device: torch.device | str, cached: bool) -> None:
+        self.shard, self.device, self.cached = shard, device, cached
+        self._rows: dict[str, torch.Tensor] | None = None
+        self._stream: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        if self._rows is None:
+            parts = list(self.shard.iter_torch_batches(batch_size=1024, device=self.device))
+            if not parts:
+                raise ValueError("this worker's data split is empty; lower the number of "
+                                 "workers or add data")
+            self._rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return self._rows
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Full batches forever; cached rows come in an order drawn from `seed` alone."""
+        if not self.cached:
+            if self._stream is None:
+                self._stream = endless_batches(self.shard, batch_size, seed, self.device)
+            return self._stream
+        return _reshuffled(self._load(), batch_size, seed)
+
+
+def _reshuffled(rows: dict[str, torch.Tensor], batch_size: int, seed: int,
+                ) -> Iterator[dict[str, torch.Tensor]]:
+    n = len(rows["label"])
+    if n < batch_size:
+        raise ValueError(f"this rank's data split has {n} rows, fewer than one batch of "
+                         f"{batch_size}; lower the batch size or the number of workers")
+    gen = torch.Generator().manual_seed(seed)  # host: the order is the same on CPU and GPU
+    while True:
+        order = torch.randperm(n, generator=gen).to(rows["label"].device)
+        for start in range(0, n - batch_size + 1, batch_size):
+            idx = order[start:start + batch_size]
+            yield {k: v[idx] for k, v in rows.items()}
+
+
 def _mix(batches: list[dict[str, torch.Tensor]], gen: torch.Generator,
          ) -> Iterator[dict[str, torch.Tensor]]:
     size = len(batches[0]["label"])

@@ -16,7 +16,7 @@ import torch
 
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
-from oodscale.data.streams import endless_batches, read_shards, to_model_input
+from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
 from oodscale.diffusion.mixup import one_hot
 from oodscale.diffusion.model import LabelConditionedUNet, model_hash
 from oodscale.distributed import (
@@ -68,9 +68,8 @@ def diffusion_loop(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(d.timesteps)
     num_classes = len(manifest.class_names)
     device = accelerator.device
-    batches = endless_batches(ray.train.get_dataset_shard("id"), d.batch_size,
-                              derive_seed(cfg.seed, "diffusion-batches", ctx.get_world_rank()),
-                              device)
+    batches = RankData(ray.train.get_dataset_shard("id"), device, config["cached"]).batches(
+        d.batch_size, derive_seed(cfg.seed, "diffusion-batches", ctx.get_world_rank()))
     steps = config["steps_per_epoch"]
     for epoch in range(start_epoch, d.epochs):
         model.train()
@@ -116,7 +115,8 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     result = run_trainer(
         diffusion_loop,
         {"cfg": cfg.model_dump(), "manifest": manifest.to_json(), "steps_per_epoch": steps,
-         "checkpoint_every": max(1, d.epochs // 4)},
+         "checkpoint_every": max(1, d.epochs // 4),
+         "cached": rows_fit_in_cache(manifest, d.num_workers, d.cache_mb)},
         {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion")
     unet_dir = f"{layout.diffusion_dir}/unet"
     copy_checkpoint(result, layout, unet_dir)
