@@ -11,7 +11,8 @@ when a stage raises or when results.parquet lacks a run or a score.
 
 Part 2 times, in this process on one GPU, what each worker does per step with the project's own
 classes (random weights, shapes from configs/cifar10.yaml and configs/imagenet.yaml): guided
-DDIM sampling of the cifar10 and imagenet UNets (bf16 autocast, as the sampling actors run it),
+DDIM-50 sampling of the cifar10 and imagenet UNets and DPM-Solver++-20 of the cifar10 one (bf16
+autocast, as the sampling actors run it),
 a DDPM training step, one OE training step (`oe_step`, bf16 through Accelerate) of wrn40_2,
 resnet50@64 and resnet50@224 and of every loss head, the evaluation forward (fp32 and bf16) and
 kNN / Mahalanobis fitting and scoring. Sampling is timed over a few denoising steps and reported
@@ -163,7 +164,8 @@ def unet_for(name: str) -> tuple[LabelConditionedUNet, int, int]:
     return model, classes, cfg.generate.batch_size
 
 
-def sampling_case(name: str, guidance: float, timed_steps: int) -> Row:
+def sampling_case(name: str, guidance: float, timed_steps: int, sampler: str = "ddim",
+                  total_steps: int = DDIM_STEPS) -> Row:
     model, classes, batch = unet_for(name)
     batch, timed_steps = RUN.batch(batch), 1 if RUN.smoke else timed_steps
     device = RUN.device
@@ -174,12 +176,12 @@ def sampling_case(name: str, guidance: float, timed_steps: int) -> Row:
 
     def run() -> None:
         with sampling_autocast(device):
-            sample_images(model, labels, guidance, make_sampler("ddim", 1000, timed_steps),
+            sample_images(model, labels, guidance, make_sampler(sampler, 1000, timed_steps),
                           generator, device)
 
     per_step_images = synced_rate(run, batch * timed_steps, warmup=1, max_iters=3)
-    return Row(f"sampling: {name} UNet", f"DDIM, guidance {guidance:g}, batch {batch}, bf16",
-               f"{per_step_images / DDIM_STEPS:,.1f} samples/s at {DDIM_STEPS} steps")
+    return Row(f"sampling: {name} UNet", f"{sampler}, guidance {guidance:g}, batch {batch}, "
+               "bf16", f"{per_step_images / total_steps:,.1f} samples/s at {total_steps} steps")
 
 
 def ddpm_train_case(name: str, batch: int) -> Row:
@@ -264,6 +266,7 @@ def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
     cases: list[tuple[str, Callable[[], Row]]] = [
         ("sampling cifar10", lambda: sampling_case("cifar10", 3.0, 5)),
         ("sampling imagenet", lambda: sampling_case("imagenet", 3.0, 3)),
+        ("sampling cifar10 dpmsolver", lambda: sampling_case("cifar10", 3.0, 5, "dpmsolver", 20)),
         ("ddpm train cifar10", lambda: ddpm_train_case("cifar10", 128)),
         ("oe wrn40_2", lambda: oe_case("wrn40_2", 32, 3, 10, cifar.embedding_dim,
                                        cifar.batch_size, cifar.outlier_batch_size)),

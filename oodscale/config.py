@@ -84,6 +84,11 @@ class WorkerConfig(_Section):
     cpus_per_worker: float = Field(0.5, gt=0.0)
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
     mixed_precision: MixedPrecision = "no"
+    torch_threads: int | None = Field(
+        None, ge=1,
+        description="Torch CPU threads per worker; None = Ray's default (the worker's CPUs, at "
+                    "least 1). On a small CPU-only machine a lone worker trains faster with all "
+                    "cores.")
     cache_mb: float = Field(
         1024.0, ge=0.0,
         description="A dataset whose rows for one worker fit in this many MB (uint8) is read once "
@@ -131,7 +136,8 @@ class GenerateConfig(_Section):
     lam: LambdaConfig = Field(default_factory=LambdaConfig)
     mode: Literal["mix", "sum"] = "mix"
     guidance: float = Field(3.0, ge=0.0)
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: str = Field("ddim", description="ddim, ddpm or dpmsolver (DPM-Solver++, 15-25 "
+                                             "steps); see oodscale/diffusion/samplers.py")
     steps: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
     concurrency: int = Field(2, ge=1)
@@ -141,6 +147,15 @@ class GenerateConfig(_Section):
     filter_tau: float = Field(
         0.9, gt=0.0, le=1.0,
         description="-filtered variants drop samples a plain ID classifier gives MSP > tau.")
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        from oodscale.diffusion.samplers import SAMPLERS
+
+        if v not in SAMPLERS:
+            raise ValueError(f"unknown sampler {v!r}; valid: {', '.join(SAMPLERS)}")
+        return v
 
 
 class TrainConfig(WorkerConfig):

@@ -137,6 +137,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_LOCAL_RAY_STARTED = False  # whether this process started its own Ray (no autoscaler)
+
+
 def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     """Join the cluster at `address` / config / RAY_ADDRESS, or start a local one sized for CI."""
     import ray
@@ -151,6 +154,8 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
         ray.init(address=target, runtime_env=env, log_to_driver=True)
         return
     cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    global _LOCAL_RAY_STARTED
+    _LOCAL_RAY_STARTED = True
     ray.init(
         num_cpus=cpus,
         object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
@@ -164,6 +169,22 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def require_gpus(count: int, key: str) -> None:
+    """A pool of `count` one-GPU actors on a cluster with fewer GPUs waits for the missing
+    ones: forever on the local Ray this job started (refused), until an autoscaler adds GPU
+    nodes on a cluster it joined (said once, then left to wait)."""
+    import ray
+
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if count <= have:
+        return
+    message = (f"{key}={count} asks for {count} one-GPU actors but the cluster has {have} "
+               f"GPU(s); set {key}={max(have, 1)} or add GPU nodes")
+    if _LOCAL_RAY_STARTED:
+        raise ValueError(message)
+    print(f"[oodscale] warning: {message}; waiting for an autoscaler to add them", flush=True)
 
 
 def resolve_use_gpu(flag: bool | None) -> bool:

@@ -165,12 +165,25 @@ def test_knn_mahalanobis_fit_and_scoring_run_on_the_simulated_device(sim_run):
              "dataset": np.full(20, "id")}
     with SimulatedAccelerator() as sim:
         fitted = fit_train_features(storage.uri, directory, layout.id_split("train"), 64, False)
-        scorer = Scorer(storage.uri, directory, list(cfg.evaluate.scores), [ray.put(fitted)])
-        assert sim.on_device(scorer.fitted.train_normed)
+        scorer = Scorer(storage.uri, {"cell": directory}, list(cfg.evaluate.scores),
+                        {"cell": [ray.put(fitted)]})
+        assert sim.on_device(scorer.fitted["cell"].train_normed)
         scored = scorer(batch)
     plain = LoadedClassifier(storage.uri, directory)
     logits, _ = plain.embed(batch["image"])
-    np.testing.assert_array_equal(scored["pred"], logits.argmax(1).numpy())
+    np.testing.assert_array_equal(scored["pred::cell"], logits.argmax(1).numpy())
     assert manifest.num_samples >= 20
     for name in cfg.evaluate.scores:
-        assert np.isfinite(scored[f"score_{name}"]).all(), name
+        assert np.isfinite(scored[f"score::cell::{name}"]).all(), name
+
+
+def test_a_gpu_pool_larger_than_the_cluster_is_refused_on_the_jobs_own_ray(
+        ray_cluster, monkeypatch, capsys):
+    from oodscale import runtime
+
+    monkeypatch.setattr(runtime, "_LOCAL_RAY_STARTED", True)  # no autoscaler will add GPUs
+    with pytest.raises(ValueError, match="generate.concurrency=2 asks for 2 one-GPU actors"):
+        runtime.require_gpus(2, "generate.concurrency")
+    monkeypatch.setattr(runtime, "_LOCAL_RAY_STARTED", False)  # a joined cluster may autoscale
+    runtime.require_gpus(2, "generate.concurrency")
+    assert "waiting for an autoscaler" in capsys.readouterr().out

@@ -15,7 +15,7 @@ import numpy as np
 from oodscale.classify.checkpoints import LoadedClassifier
 from oodscale.data.shards import Manifest, ShardInfo, iter_samples, read_manifest, write_manifest
 from oodscale.data.shards import write_shard as write_one_shard
-from oodscale.runtime import RunLayout, open_storage
+from oodscale.runtime import RunLayout, open_storage, require_gpus
 
 
 class AmbiguityFilter(LoadedClassifier):
@@ -63,6 +63,8 @@ def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifi
         if done.extra.get("filter") == settings and len(done.shards) == len(source.shards):
             return done
     storage.makedirs(dest_dir)
+    if use_gpu:
+        require_gpus(min(concurrency, len(source.shards)), "generate.concurrency")
     rows = ray.data.from_items([{"path": s.path} for s in source.shards],
                                override_num_blocks=len(source.shards))
     rows = rows.map_batches(

@@ -31,7 +31,7 @@ from oodscale.data.shards import Manifest
 from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
 from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
 from oodscale.distributed import (
-    make_accelerator,
+    make_worker_accelerator,
     publish_dir,
     report,
     resumed_state,
@@ -106,7 +106,7 @@ def classifier_loop(config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.model_validate(config["cfg"])
     t = cfg.train
     layout = RunLayout(open_storage(config["storage_root"]), cfg.name)
-    accelerator = make_accelerator(t.mixed_precision, config["use_gpu"])
+    accelerator = make_worker_accelerator(t, config["use_gpu"])
     data = {name: RankData(ray.train.get_dataset_shard(name), accelerator.device, cached)
             for name, cached in config["cached"].items()}
     resume = _read_resume()

@@ -29,7 +29,7 @@ from oodscale.diffusion.sample import (
 )
 from oodscale.diffusion.train import MODEL_CARD
 from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
-from oodscale.runtime import RunLayout, open_storage, resolve_use_gpu
+from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
 
 
 def _generation_params(cfg: ExperimentConfig, card: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +89,8 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
     if todo:
         storage.makedirs(out_dir)
         use_gpu = resolve_use_gpu(gen.use_gpu)
+        if use_gpu:
+            require_gpus(min(gen.concurrency, len(todo)), "generate.concurrency")
         rows = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         rows = rows.map_batches(
             ShardSampler, batch_size=1,

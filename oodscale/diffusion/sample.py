@@ -19,21 +19,13 @@ from oodscale.data.streams import from_model_output
 from oodscale.devices import worker_device
 from oodscale.diffusion.mixup import distinct_pairs, mixup_labels, sample_lambdas
 from oodscale.diffusion.model import LabelConditionedUNet, load_unet
+from oodscale.diffusion.samplers import make_sampler
 from oodscale.runtime import derive_seed, open_storage
 
 
 def sampling_autocast(device: torch.device):
     """bf16 autocast on GPU workers (the scale-out setting); plain fp32 on the CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def make_sampler(kind: str, timesteps: int, steps: int):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-    scheduler = cls(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2")
-    scheduler.set_timesteps(min(steps, timesteps))
-    return scheduler
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from oodscale.diffusion.mixup import one_hot
 from oodscale.diffusion.model import LabelConditionedUNet, model_hash
 from oodscale.distributed import (
     copy_checkpoint,
-    make_accelerator,
+    make_worker_accelerator,
     report,
     resumed_state,
     run_trainer,
@@ -54,7 +54,7 @@ def diffusion_loop(config: dict[str, Any]) -> None:
     d = cfg.diffusion
     ctx = ray.train.get_context()
     seed_everything(derive_seed(cfg.seed, "diffusion", ctx.get_world_rank()))
-    accelerator = make_accelerator(d.mixed_precision, config["use_gpu"])
+    accelerator = make_worker_accelerator(d, config["use_gpu"])
     model = build_unet(cfg, manifest)
     optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=0.0)
     start_epoch = 0

@@ -26,7 +26,7 @@ from oodscale.data.shards import iter_samples, read_manifest, shard_paths
 from oodscale.data.streams import read_shards
 from oodscale.evaluate.detectors import FittedFeatures, compute_scores, fit_features
 from oodscale.evaluate.report import aggregate, write_report
-from oodscale.runtime import RunLayout, open_storage, resolve_use_gpu
+from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
 
 NEEDS_TRAIN_FEATURES = {"knn", "mahalanobis"}
 
@@ -54,25 +54,32 @@ def fit_train_features(storage_root: str, classifier_dir: str, train_dir: str,
     return fitted.to("cpu")
 
 
-class Scorer(LoadedClassifier):
-    """Ray Data callable class: one classifier loaded once per actor, scoring on its device."""
+class Scorer:
+    """Ray Data callable class: every classifier of the experiment loaded once per actor, so
+    scoring a grid starts one actor pool, not one per classifier."""
 
-    def __init__(self, storage_root: str, classifier_dir: str, score_names: list[str],
-                 fitted: list | None = None, use_gpu: bool = False):
-        super().__init__(storage_root, classifier_dir, use_gpu)
+    def __init__(self, storage_root: str, classifier_dirs: dict[str, str],
+                 score_names: list[str], fitted: dict[str, list] | None = None,
+                 use_gpu: bool = False):
         import ray
 
         self.names = score_names
-        # [ObjectRef] from the fit task, moved to this actor's device once
-        self.fitted = ray.get(fitted[0]).to(self.device) if fitted else None
-        self.class_weights = self.model.head.class_weights.detach().float()
+        self.classifiers = {run: LoadedClassifier(storage_root, directory, use_gpu)
+                            for run, directory in classifier_dirs.items()}
+        # {run: [ObjectRef]} from the fit tasks, moved to this actor's device once
+        self.fitted = {run: ray.get(refs[0]).to(self.classifiers[run].device)
+                       for run, refs in (fitted or {}).items()}
+        self.class_weights = {run: clf.model.head.class_weights.detach().float()
+                              for run, clf in self.classifiers.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        logits, emb = self.embed_on_device(batch["image"])
-        scores = compute_scores(self.names, logits, emb, self.class_weights, self.fitted)
-        out = {"dataset": batch["dataset"], "label": batch["label"],
-               "pred": logits.argmax(1).cpu().numpy()}
-        out.update({f"score_{k}": v for k, v in scores.items()})
+        out = {"dataset": batch["dataset"], "label": batch["label"]}
+        for run, clf in self.classifiers.items():
+            logits, emb = clf.embed_on_device(batch["image"])
+            scores = compute_scores(self.names, logits, emb, self.class_weights[run],
+                                    self.fitted.get(run))
+            out[f"pred::{run}"] = logits.argmax(1).cpu().numpy()
+            out.update({f"score::{run}::{k}": v for k, v in scores.items()})
         return out
 
 
@@ -120,34 +127,49 @@ def _tag(batch: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
 
 def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
     """The long scores frame for every finished classifier of the experiment."""
+    import ray
     import ray.data
 
     storage = layout.storage
     use_gpu = resolve_use_gpu(cfg.evaluate.use_gpu)
+    if use_gpu:
+        require_gpus(cfg.evaluate.concurrency, "evaluate.concurrency")
     sets = test_sets(cfg, layout)
     data = _test_dataset(layout, sets).materialize()
     evaluate = cfg.evaluate
     fit_task = ray.remote(fit_train_features).options(num_cpus=evaluate.cpus_per_actor,
                                                        num_gpus=1 if use_gpu else 0)
+    cards = finished_classifiers(cfg, layout)
+    dirs = {card["run"]: layout.classifier_dir(card["run"]) for card in cards}
+    fitted = None
+    if NEEDS_TRAIN_FEATURES & set(evaluate.scores):  # all fits at once, shared by the actors
+        fitted = {run: [fit_task.remote(storage.uri, directory, layout.id_split("train"),
+                                        evaluate.batch_size, use_gpu)]
+                  for run, directory in dirs.items()}
+        # Finish the fits before the scoring actors take the GPUs: an actor that waited on a
+        # fit inside its constructor would hold the GPU the fit needs.
+        refs = [r for rs in fitted.values() for r in rs]
+        ray.wait(refs, num_returns=len(refs))
+    scored = data.map_batches(
+        Scorer, batch_size=evaluate.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=evaluate.concurrency),
+        num_cpus=evaluate.cpus_per_actor, num_gpus=1 if use_gpu else 0, batch_format="numpy",
+        fn_constructor_kwargs={"storage_root": storage.uri, "classifier_dirs": dirs,
+                               "score_names": list(evaluate.scores), "fitted": fitted,
+                               "use_gpu": use_gpu})
+    total = -(-data.count() // evaluate.batch_size)
+    wide = pd.concat(list(tqdm(scored.iter_batches(batch_size=None, batch_format="pandas"),
+                               total=total, desc=f"scoring {len(cards)} classifiers",
+                               unit="batch")), ignore_index=True)
     frames = []
-    for card in tqdm(finished_classifiers(cfg, layout), desc="scoring classifiers", unit="run"):
-        directory = layout.classifier_dir(card["run"])
-        fitted = None
-        if NEEDS_TRAIN_FEATURES & set(evaluate.scores):
-            fitted = [fit_task.remote(storage.uri, directory, layout.id_split("train"),
-                                      evaluate.batch_size, use_gpu)]
-        scored = data.map_batches(
-            Scorer, batch_size=evaluate.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=evaluate.concurrency),
-            num_cpus=evaluate.cpus_per_actor, num_gpus=1 if use_gpu else 0,
-            batch_format="numpy",
-            fn_constructor_kwargs={"storage_root": storage.uri, "classifier_dir": directory,
-                                   "score_names": list(evaluate.scores), "fitted": fitted,
-                                   "use_gpu": use_gpu}).to_pandas()
-        long = scored.melt(id_vars=["dataset", "label", "pred"], var_name="score_name",
-                           value_name="score")
-        long["score_name"] = long["score_name"].str.removeprefix("score_")
-        long = long.assign(run=card["run"], loss=card["loss"], outliers=card["outliers"],
+    for card in cards:
+        run = card["run"]
+        prefix = f"score::{run}::"
+        renames = {c: c.removeprefix(prefix) for c in wide.columns if c.startswith(prefix)}
+        long = wide[["dataset", "label", f"pred::{run}", *renames]].rename(
+            columns={f"pred::{run}": "pred", **renames}).melt(
+            id_vars=["dataset", "label", "pred"], var_name="score_name", value_name="score")
+        long = long.assign(run=run, loss=card["loss"], outliers=card["outliers"],
                            seed=card["seed"], is_ood=long["dataset"] != "id")
         frames.append(long)
     columns = ["run", "loss", "outliers", "seed", "score_name", "dataset", "is_ood", "score",

@@ -1,0 +1,299 @@
+"""What Ray costs at equal work, side by side in one run, on this machine.
+
+    .venv/bin/python bench/bench_ray_overhead.py             # ~6 min on 2 cores; appends to
+                                                             # docs/benchmarks.md
+    .venv/bin/python bench/bench_ray_overhead.py --no-write  # print only
+
+(a) generation: the generate stage (Ray Data, one sampling actor) against a plain loop in this
+    process calling the same `ShardSampler` on the same shards and drawing the same grid;
+(b) training: one grid cell through Ray Train + Accelerate (one worker) against a plain torch
+    loop of the same `oe_step` on the same rows; the steady-state step rate of each (the
+    worker's own `images_per_s`) and the start-up cost Ray Train adds once per worker group;
+(c) memory: peak RSS of the whole local Ray (driver, raylet, workers: every process under this
+    one) while generating 1k and 10k synthetic images, and while training one epoch over 1x and
+    10x the ID shards with streaming (`train.cache_mb=0`) and with the default in-memory cache.
+
+Every Ray worker and the plain loops use one torch thread, so the rows compare the same compute.
+The models are the digits config's (a 16x16 UNet, smallcnn); the work is sized so one row takes
+seconds to tens of seconds, long enough that Ray's fixed costs show at their real share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from oodscale.classify.outliers import OutlierStream  # noqa: E402
+from oodscale.classify.step import oe_step  # noqa: E402
+from oodscale.classify.train import RunSpec, _card, train_group  # noqa: E402
+from oodscale.config import ExperimentConfig, load_config  # noqa: E402
+from oodscale.data.shards import (  # noqa: E402
+    Manifest,
+    ShardInfo,
+    load_arrays,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from oodscale.data.streams import read_shards, to_model_input  # noqa: E402
+from oodscale.diffusion.generate import draw_grid, generate_variant  # noqa: E402
+from oodscale.diffusion.model import LabelConditionedUNet, model_hash  # noqa: E402
+from oodscale.diffusion.sample import ShardSampler  # noqa: E402
+from oodscale.diffusion.train import MODEL_CARD  # noqa: E402
+from oodscale.distributed import make_accelerator  # noqa: E402
+from oodscale.runtime import layout_for  # noqa: E402
+
+BASE = ["generate.concurrency=1", "generate.cpus_per_actor=1", "generate.grid_per_class=1",
+        "train.num_workers=1", "train.cpus_per_worker=1", "train.losses=[arcface]",
+        "train.outliers=[labelmix]", "train.seeds=[0]"]
+
+
+class PeakRSS:
+    """Peak of the summed RSS of this process and all its descendants, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _total(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._total())
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def make_run(root: Path, overrides: list[str]) -> tuple[ExperimentConfig, object]:
+    cfg = load_config(ROOT / "configs" / "digits.yaml", [f"storage.root={root}", *BASE,
+                                                         *overrides])
+    return cfg, layout_for(cfg)
+
+
+def write_id_shards(layout, copies: int, rng: np.random.Generator) -> Manifest:
+    """`copies` x 4 shards of 256 random 16x16 digits-like images, labels 0-5."""
+    directory = layout.id_split("train")
+    shards = []
+    for i in range(4 * copies):
+        images = rng.integers(0, 256, (256, 16, 16, 1), dtype=np.uint8)
+        samples = ((f"id{i:04d}_{k:04d}", images[k], {"label": int(k % 6)}) for k in range(256))
+        shards.append(write_shard(layout.storage, directory, shard_name("train", i), samples))
+    manifest = Manifest(kind="id", split="train", image_size=16, channels=1,
+                        class_names=[str(c) for c in range(6)], shards=shards)
+    write_manifest(layout.storage, directory, manifest)
+    return manifest
+
+
+def write_ddpm(layout, cfg: ExperimentConfig) -> dict:
+    """A random-weight DDPM of the config's shape, saved as train-diffusion would."""
+    torch.manual_seed(0)
+    d = cfg.diffusion
+    model = LabelConditionedUNet(6, 16, 1, tuple(d.block_out_channels), d.layers_per_block)
+    unet_dir = Path(layout.diffusion_dir) / "unet"
+    model.save_pretrained(unet_dir, safe_serialization=True)
+    card = {"num_classes": 6, "class_names": [str(c) for c in range(6)], "image_size": 16,
+            "channels": 1, "timesteps": d.timesteps, "model_hash": model_hash(unet_dir),
+            "epochs": 0, "final_loss": None, "images_per_s": None}
+    layout.storage.write_bytes_atomic(f"{layout.diffusion_dir}/{MODEL_CARD}",
+                                      json.dumps(card).encode())
+    return card
+
+
+def plain_generation(cfg: ExperimentConfig, layout, card: dict, out_dir: str) -> None:
+    """The generate stage's work without Ray: same sampler class, shards, manifest, grid."""
+    gen = cfg.generate
+    sampler = ShardSampler(layout.storage.uri, f"{layout.diffusion_dir}/unet", out_dir,
+                           gen.model_dump(), card["timesteps"], cfg.seed, card["model_hash"],
+                           use_gpu=False)
+    manifest = Manifest(kind="synthetic", split="labelmix", image_size=16, channels=1,
+                        class_names=card["class_names"])
+    for index in range(gen.num_shards):
+        row = sampler({"shard": np.array([index])})
+        manifest.shards.append(ShardInfo(row["path"][0], row["count"][0], row["sha256"][0]))
+        write_manifest(layout.storage, out_dir, manifest)
+    draw_grid(layout.storage.uri, f"{layout.diffusion_dir}/unet", out_dir, gen.model_dump(),
+              card, cfg.seed, use_gpu=False)
+
+
+def bench_generation(tmp: Path) -> list[str]:
+    cfg, layout = make_run(tmp / "gen", ["generate.num_shards=12", "generate.samples_per_shard=64",
+                                         "generate.steps=20", "generate.batch_size=64"])
+    card = write_ddpm(layout, cfg)
+    plain = timed(lambda: plain_generation(cfg, layout, card, str(tmp / "plain")))
+    ray_time = timed(lambda: generate_variant(cfg, layout, "synthetic"))
+    same = (load_arrays(layout.storage, str(tmp / "plain"))[0]
+            == load_arrays(layout.storage, layout.synthetic_dir)[0]).all()
+    n = cfg.generate.num_shards * cfg.generate.samples_per_shard
+    return [f"| (a) generate, {n} samples (12 shards x 64, DDIM 20, w = 3) + grid | "
+            f"{plain:.1f} s | {ray_time:.1f} s | {ray_time / plain:.2f} | "
+            f"identical shards: {bool(same)} |"]
+
+
+def plain_training(cfg: ExperimentConfig, manifest: Manifest, syn_dir: str, layout,
+                   steps: int) -> float:
+    """images/s of the same cell's steps in this process: same model, rows, step, outliers."""
+    from accelerate.state import AcceleratorState
+
+    from oodscale.classify.checkpoints import classifier_from_card
+
+    t = cfg.train
+    AcceleratorState._reset_state(True)
+    accelerator = make_accelerator(t.mixed_precision, use_gpu=False)
+    card = _card(cfg, RunSpec("arcface", "labelmix", 0), manifest)
+    torch.manual_seed(0)
+    model = classifier_from_card(card)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    images, metas = load_arrays(layout.storage, layout.id_split("train"))
+    x_all = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()
+    y_all = torch.as_tensor([m["label"] for m in metas])
+    syn = torch.as_tensor(load_arrays(layout.storage, syn_dir)[0]).permute(0, 3, 1, 2)
+    synthetic = ({"image": syn[torch.randint(0, len(syn), (t.outlier_batch_size,))]}
+                 for _ in iter(int, 1))
+    outliers = OutlierStream("labelmix", t.outlier_batch_size, 6, 0, "cpu", synthetic)
+    gen = torch.Generator().manual_seed(0)
+
+    def epoch() -> None:
+        order = torch.randperm(len(y_all), generator=gen)
+        for s in range(steps):
+            idx = order[s * t.batch_size:(s + 1) * t.batch_size]
+            x, y = to_model_input(x_all[idx]), y_all[idx]
+            oe_step(model, optimizer, accelerator, x, y, outliers.next(x, y), t.lambda_oe)
+
+    epoch()  # warm-up, as the worker's first epoch is
+    return steps * t.batch_size / timed(epoch)
+
+
+def bench_training(tmp: Path) -> list[str]:
+    cfg, layout = make_run(tmp / "train", ["train.epochs=4", "generate.num_shards=2",
+                                           "generate.samples_per_shard=128", "generate.steps=2"])
+    manifest = write_id_shards(layout, 1, np.random.default_rng(0))
+    write_ddpm(layout, cfg)
+    generate_variant(cfg, layout, "synthetic")
+    torch.set_num_threads(1)
+    steps = manifest.num_samples // cfg.train.batch_size
+    plain_rate = plain_training(cfg, manifest, layout.synthetic_dir, layout, steps)
+    id_data, _ = read_shards(layout.storage, layout.id_split("train"))
+    syn = read_shards(layout.storage, layout.synthetic_dir)
+    spec = RunSpec("arcface", "labelmix", 0)
+    wall = timed(lambda: train_group(cfg, layout, [spec], id_data, manifest,
+                                     {"synthetic": syn}, "bench"))
+    card = json.loads(layout.storage.read_bytes(
+        f"{layout.classifier_dir(spec.name)}/classifier.json"))
+    ray_rate = card["train"]["images_per_s"]
+    compute = cfg.train.epochs * steps * cfg.train.batch_size / ray_rate
+    return [f"| (b) train step, smallcnn arcface + OE, {cfg.train.batch_size} + "
+            f"{cfg.train.outlier_batch_size} rows, steady state (last of {cfg.train.epochs} "
+            f"epochs) | {plain_rate:,.0f} ID images/s | {ray_rate:,.0f} ID images/s | "
+            f"{plain_rate / ray_rate:.2f} | |",
+            f"| (b) Ray Train start-up + teardown per worker group (wall minus the epochs' "
+            f"compute) | | {wall - compute:.1f} s of {wall:.1f} s | | once per `oodscale train`"
+            " phase, not per grid cell |"]
+
+
+def bench_memory(tmp: Path) -> list[str]:
+    rows = []
+    peaks = {}
+    for samples in (1_000, 10_000):
+        cfg, layout = make_run(tmp / f"mem-gen-{samples}", [
+            f"generate.num_shards={samples // 250}", "generate.samples_per_shard=250",
+            "generate.steps=2", "generate.batch_size=250", "diffusion.block_out_channels=[8,8]"])
+        card = write_ddpm(layout, cfg)
+        del card
+        with PeakRSS() as rss:
+            generate_variant(cfg, layout, "synthetic")
+        peaks[samples] = rss.peak
+    rows.append(f"| (c) peak RSS, generate 1k vs 10k samples (every process of the local Ray) | "
+                f"{peaks[1_000] / 2**20:,.0f} MiB | {peaks[10_000] / 2**20:,.0f} MiB | "
+                f"{peaks[10_000] / peaks[1_000]:.2f} | |")
+    for cache in ("0", "1024"):
+        peaks = {}
+        for copies in (1, 10):
+            cfg, layout = make_run(tmp / f"mem-train-{cache}-{copies}", [
+                "train.epochs=1", "train.outliers=[none]", f"train.cache_mb={cache}"])
+            manifest = write_id_shards(layout, copies, np.random.default_rng(copies))
+            id_data, _ = read_shards(layout.storage, layout.id_split("train"))
+            with PeakRSS() as rss:
+                train_group(cfg, layout, [RunSpec("arcface", "none", 0)], id_data, manifest, {},
+                            f"mem-{cache}-{copies}")
+            peaks[copies] = rss.peak
+        label = "streaming (cache_mb=0)" if cache == "0" else "cached (default)"
+        rows.append(f"| (c) peak RSS, train 1 epoch over 4 vs 40 ID shards (1k vs 10k images), "
+                    f"{label} | {peaks[1] / 2**20:,.0f} MiB | {peaks[10] / 2**20:,.0f} MiB | "
+                    f"{peaks[10] / peaks[1]:.2f} | |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+    import ray
+
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.init(num_cpus=4, object_store_memory=300 * 2**20, include_dashboard=False,
+             log_to_driver=False)
+    torch.set_num_threads(1)
+    started = time.time()
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [*bench_generation(Path(tmp)), *bench_training(Path(tmp)),
+                *bench_memory(Path(tmp))]
+    ray.shutdown()
+    cmd = "bench/bench_ray_overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        f"## bench_ray_overhead: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+        f"Command: `.venv/bin/python {cmd.strip()}` (took {time.time() - started:.0f} s)", "",
+        f"- machine: `{platform.platform()}`, {os.cpu_count()} logical CPUs; python "
+        f"{platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}",
+        f"- load average at start / end: {load[0]:.2f} / {os.getloadavg()[0]:.2f}", "",
+        "| case | plain (no Ray) / 1x | Ray / 10x | ratio | note |",
+        "|---|---:|---:|---:|---|", *rows, ""]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
