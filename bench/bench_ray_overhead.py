@@ -1,6 +1,6 @@
 """What Ray costs at equal work, side by side in one run, on this machine.
 
-    .venv/bin/python bench/bench_ray_overhead.py             # ~6 min on 2 cores; appends to
+    .venv/bin/python bench/bench_ray_overhead.py             # ~8 min on 2 cores; appends to
                                                              # docs/benchmarks.md
     .venv/bin/python bench/bench_ray_overhead.py --no-write  # print only
 
@@ -26,11 +26,13 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -153,18 +155,22 @@ def plain_generation(cfg: ExperimentConfig, layout, card: dict, out_dir: str) ->
               card, cfg.seed, use_gpu=False)
 
 
-def bench_generation(tmp: Path) -> list[str]:
-    cfg, layout = make_run(tmp / "gen", ["generate.num_shards=12", "generate.samples_per_shard=64",
-                                         "generate.steps=20", "generate.batch_size=64"])
-    card = write_ddpm(layout, cfg)
-    plain = timed(lambda: plain_generation(cfg, layout, card, str(tmp / "plain")))
-    ray_time = timed(lambda: generate_variant(cfg, layout, "synthetic"))
-    same = (load_arrays(layout.storage, str(tmp / "plain"))[0]
-            == load_arrays(layout.storage, layout.synthetic_dir)[0]).all()
+def bench_generation(tmp: Path, rounds: int) -> list[str]:
+    plain, ray_times, same = [], [], True
+    for r in range(rounds):  # interleaved, so load on the shared machine hits both alike
+        cfg, layout = make_run(tmp / f"gen{r}", [
+            "generate.num_shards=12", "generate.samples_per_shard=64", "generate.steps=20",
+            "generate.batch_size=64"])
+        card = write_ddpm(layout, cfg)
+        plain.append(timed(partial(plain_generation, cfg, layout, card, str(tmp / f"plain{r}"))))
+        ray_times.append(timed(partial(generate_variant, cfg, layout, "synthetic")))
+        same &= bool((load_arrays(layout.storage, str(tmp / f"plain{r}"))[0]
+                      == load_arrays(layout.storage, layout.synthetic_dir)[0]).all())
+    p, r_ = statistics.median(plain), statistics.median(ray_times)
     n = cfg.generate.num_shards * cfg.generate.samples_per_shard
-    return [f"| (a) generate, {n} samples (12 shards x 64, DDIM 20, w = 3) + grid | "
-            f"{plain:.1f} s | {ray_time:.1f} s | {ray_time / plain:.2f} | "
-            f"identical shards: {bool(same)} |"]
+    return [f"| (a) generate, {n} samples (12 shards x 64, DDIM 20, w = 3) + grid, median of "
+            f"{rounds} | {p:.1f} s | {r_:.1f} s | {r_ / p:.2f} | identical shards: {same}; Ray "
+            f"adds {r_ - p:.1f} s (actor start, model load, the grid task) |"]
 
 
 def plain_training(cfg: ExperimentConfig, manifest: Manifest, syn_dir: str, layout,
@@ -202,31 +208,39 @@ def plain_training(cfg: ExperimentConfig, manifest: Manifest, syn_dir: str, layo
     return steps * t.batch_size / timed(epoch)
 
 
-def bench_training(tmp: Path) -> list[str]:
-    cfg, layout = make_run(tmp / "train", ["train.epochs=4", "generate.num_shards=2",
-                                           "generate.samples_per_shard=128", "generate.steps=2"])
-    manifest = write_id_shards(layout, 1, np.random.default_rng(0))
-    write_ddpm(layout, cfg)
-    generate_variant(cfg, layout, "synthetic")
-    torch.set_num_threads(1)
-    steps = manifest.num_samples // cfg.train.batch_size
-    plain_rate = plain_training(cfg, manifest, layout.synthetic_dir, layout, steps)
-    id_data, _ = read_shards(layout.storage, layout.id_split("train"))
-    syn = read_shards(layout.storage, layout.synthetic_dir)
-    spec = RunSpec("arcface", "labelmix", 0)
-    wall = timed(lambda: train_group(cfg, layout, [spec], id_data, manifest,
-                                     {"synthetic": syn}, "bench"))
-    card = json.loads(layout.storage.read_bytes(
-        f"{layout.classifier_dir(spec.name)}/classifier.json"))
-    ray_rate = card["train"]["images_per_s"]
-    compute = cfg.train.epochs * steps * cfg.train.batch_size / ray_rate
+def bench_training(tmp: Path, rounds: int) -> list[str]:
+    plain_rates, ray_rates, walls, computes = [], [], [], []
+    for r in range(rounds):  # interleaved, so load on the shared machine hits both alike
+        cfg, layout = make_run(tmp / f"train{r}", [
+            "train.epochs=4", "generate.num_shards=2", "generate.samples_per_shard=128",
+            "generate.steps=2"])
+        manifest = write_id_shards(layout, 1, np.random.default_rng(0))
+        write_ddpm(layout, cfg)
+        generate_variant(cfg, layout, "synthetic")
+        torch.set_num_threads(1)
+        steps = manifest.num_samples // cfg.train.batch_size
+        plain_rates.append(plain_training(cfg, manifest, layout.synthetic_dir, layout, steps))
+        id_data, _ = read_shards(layout.storage, layout.id_split("train"))
+        syn = read_shards(layout.storage, layout.synthetic_dir)
+        spec = RunSpec("arcface", "labelmix", 0)
+        walls.append(timed(partial(train_group, cfg, layout, [spec], id_data, manifest,
+                                   {"synthetic": syn}, "bench")))
+        card = json.loads(layout.storage.read_bytes(
+            f"{layout.classifier_dir(spec.name)}/classifier.json"))
+        ray_rates.append(card["train"]["images_per_s"])
+        computes.append(cfg.train.epochs * steps * cfg.train.batch_size / ray_rates[-1])
+    plain_rate, ray_rate = statistics.median(plain_rates), statistics.median(ray_rates)
+    wall = statistics.median(walls)
+    fixed = statistics.median(w - c for w, c in zip(walls, computes, strict=True))
     return [f"| (b) train step, smallcnn arcface + OE, {cfg.train.batch_size} + "
             f"{cfg.train.outlier_batch_size} rows, steady state (last of {cfg.train.epochs} "
-            f"epochs) | {plain_rate:,.0f} ID images/s | {ray_rate:,.0f} ID images/s | "
-            f"{plain_rate / ray_rate:.2f} | |",
+            f"epochs), median of {rounds} | {plain_rate:,.0f} ID images/s | {ray_rate:,.0f} ID "
+            f"images/s | {plain_rate / ray_rate:.2f} | per round: plain "
+            f"{', '.join(f'{x:,.0f}' for x in plain_rates)}; Ray "
+            f"{', '.join(f'{x:,.0f}' for x in ray_rates)} |",
             f"| (b) Ray Train start-up + teardown per worker group (wall minus the epochs' "
-            f"compute) | | {wall - compute:.1f} s of {wall:.1f} s | | once per `oodscale train`"
-            " phase, not per grid cell |"]
+            f"compute), median of {rounds} | | {fixed:.1f} s of {wall:.1f} s | | once per "
+            "`oodscale train` phase, not per grid cell |"]
 
 
 def bench_memory(tmp: Path) -> list[str]:
@@ -265,6 +279,7 @@ def bench_memory(tmp: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b)")
     args = parser.parse_args(argv)
     import ray
 
@@ -275,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [*bench_generation(Path(tmp)), *bench_training(Path(tmp)),
-                *bench_memory(Path(tmp))]
+        rows = [*bench_generation(Path(tmp), args.rounds),
+                *bench_training(Path(tmp), args.rounds), *bench_memory(Path(tmp))]
     ray.shutdown()
     cmd = "bench/bench_ray_overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [

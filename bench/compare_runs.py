@@ -34,10 +34,11 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
             "fpr95": g["fpr95"].mean(), "fpr95_spread": g["fpr95"].max() - g["fpr95"].min(),
             "auroc": g["auroc"].mean(), "auroc_spread": g["auroc"].max() - g["auroc"].min(),
             "seeds": g["seed"].nunique()}))
-    joined = stats[0].join(stats[1], lsuffix="_a", rsuffix="_b", how="inner")
+    joined = stats[0].add_suffix("_a").join(stats[1].add_suffix("_b"), how="inner")
     for metric in ("fpr95", "auroc"):
         joined[f"{metric}_diff"] = joined[f"{metric}_b"] - joined[f"{metric}_a"]
-        joined[f"{metric}_spread"] = joined[[f"{metric}_spread_a", f"{metric}_spread_b"]].max(1)
+        spreads = [f"{metric}_spread_a", f"{metric}_spread_b"]
+        joined[f"{metric}_spread"] = joined[spreads].max(axis=1)
         joined[f"{metric}_within"] = joined[f"{metric}_diff"].abs() <= joined[f"{metric}_spread"]
     return joined.reset_index()
 

@@ -32,6 +32,7 @@ from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_m
 from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
 from oodscale.distributed import (
     make_worker_accelerator,
+    prepare,
     publish_dir,
     report,
     resumed_state,
@@ -139,7 +140,7 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
         lr_schedule.load_state_dict(resume.schedule)
         start_epoch = resume.state["epoch"] + 1
         metrics = {k: resume.state[k] for k in SUMMARY_KEYS if k in resume.state}
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
     device = accelerator.device
     id_batches = data["id"].batches(t.batch_size, derive_seed(card["seed"], card["run"], "id",
                                                               rank))

@@ -22,6 +22,7 @@ from oodscale.diffusion.model import LabelConditionedUNet, model_hash
 from oodscale.distributed import (
     copy_checkpoint,
     make_worker_accelerator,
+    prepare,
     report,
     resumed_state,
     run_trainer,
@@ -64,7 +65,7 @@ def diffusion_loop(config: dict[str, Any]) -> None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=0.0)
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             start_epoch = state["epoch"] + 1
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
     scheduler = make_scheduler(d.timesteps)
     num_classes = len(manifest.class_names)
     device = accelerator.device
