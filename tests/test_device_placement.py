@@ -18,6 +18,7 @@ import torch
 import oodscale.classify.train as classify_train
 import oodscale.diffusion.train as diffusion_train
 from oodscale.classify.checkpoints import CARD, LoadedClassifier
+from oodscale.classify.losses import LOSS_NAMES
 from oodscale.classify.models import build_classifier
 from oodscale.classify.outliers import OutlierStream
 from oodscale.classify.step import oe_step
@@ -128,6 +129,22 @@ def test_one_oe_step_of_every_source_keeps_every_tensor_on_the_device(sim_run, s
         assert sim.on_device(figures) and torch.isfinite(figures).all()
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(),
                                                              strict=True))
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_one_oe_step_of_every_loss_head_keeps_every_tensor_on_the_device(sim_run, loss):
+    cfg, layout = sim_run
+    id_data, manifest = read_shards(layout.storage, layout.id_split("train"))
+    with SimulatedAccelerator() as sim:
+        accelerator = make_accelerator("no", use_gpu=False)
+        model = build_classifier("smallcnn", loss, 1, 16, len(manifest.class_names), 8)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        batch = next(endless_batches(id_data.iterator(), 16, 0, "cpu"))
+        x, y = to_model_input(batch["image"]), batch["label"]
+        stream = OutlierStream("noise", 8, len(manifest.class_names), 2, "cpu")
+        figures = oe_step(model, optimizer, accelerator, x, y, stream.next(x, y), 0.5)
+        assert sim.on_device(figures) and torch.isfinite(figures).all()
 
 
 def test_sampling_and_the_grid_run_on_the_simulated_device(sim_run, tmp_path):
