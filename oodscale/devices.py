@@ -3,13 +3,12 @@
 On a GPU worker every tensor a step touches must be on the worker's device. A tensor built with
 `torch.full(...)` or `torch.randn(...)` without `device=` lands on the CPU, and the first
 `torch.cat` with a batch on the GPU crashes; CPU-only runs never see it. So workers take their
-device from `worker_device`, move batches with `to_device`, and build step-time tensors with
+device from `worker_device`, get their training batches on it from `data.streams.RankData`
+(Ray Data's `iter_torch_batches(device=...)`, set explicitly), and build step-time tensors with
 `device=` (random ones from `device_generator`). tests/device_sim.py checks this on the CPU.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 
@@ -27,13 +26,6 @@ def worker_device(use_gpu: bool) -> torch.device:
                            "device; check the node's drivers (nvidia-smi) and that torch is a "
                            "CUDA build, or set the stage's use_gpu=false")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str,
-              ) -> dict[str, torch.Tensor]:
-    """Every tensor of a batch on `device` (asynchronous from pinned host memory)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 def device_generator(seed: int, device: torch.device | str) -> torch.Generator:
