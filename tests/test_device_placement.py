@@ -183,7 +183,7 @@ def test_knn_mahalanobis_fit_and_scoring_run_on_the_simulated_device(sim_run):
     with SimulatedAccelerator() as sim:
         fitted = fit_train_features(storage.uri, directory, layout.id_split("train"), 64, False)
         scorer = Scorer(storage.uri, {"cell": directory}, list(cfg.evaluate.scores),
-                        {"cell": [ray.put(fitted)]})
+                        {"cell": ray.put(fitted)})
         assert sim.on_device(scorer.fitted["cell"].train_normed)
         scored = scorer(batch)
     plain = LoadedClassifier(storage.uri, directory)

@@ -35,6 +35,8 @@ def test_cached_rows_are_read_once_and_every_pass_is_a_permutation(ray_cluster):
 def test_streamed_rows_continue_one_stream_across_cells(ray_cluster):
     data = RankData(_rows(ray_cluster, 16), "cpu", cached=False)
     assert data.batches(4, seed=0) is data.batches(4, seed=1)  # no split left half-read
+    with pytest.raises(ValueError, match="streams batches of 4; a cell asked for 8"):
+        data.batches(8, seed=0)
 
 
 def test_too_few_cached_rows_for_a_batch_is_a_named_error(ray_cluster):

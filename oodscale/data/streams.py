@@ -105,6 +105,7 @@ class RankData:
         self.shard, self.device, self.cached = shard, device, cached
         self._rows: dict[str, torch.Tensor] | None = None
         self._stream: Iterator[dict[str, torch.Tensor]] | None = None
+        self._stream_batch_size = 0
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._rows is None:
@@ -120,6 +121,10 @@ class RankData:
         if not self.cached:
             if self._stream is None:
                 self._stream = endless_batches(self.shard, batch_size, seed, self.device)
+                self._stream_batch_size = batch_size
+            elif batch_size != self._stream_batch_size:
+                raise ValueError(f"this dataset streams batches of {self._stream_batch_size}; "
+                                 f"a cell asked for {batch_size}")
             return self._stream
         return _reshuffled(self._load(), batch_size, seed)
 

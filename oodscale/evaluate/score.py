@@ -59,16 +59,17 @@ class Scorer:
     scoring a grid starts one actor pool, not one per classifier."""
 
     def __init__(self, storage_root: str, classifier_dirs: dict[str, str],
-                 score_names: list[str], fitted: dict[str, list] | None = None,
+                 score_names: list[str], fitted: dict[str, Any] | None = None,
                  use_gpu: bool = False):
         import ray
 
         self.names = score_names
         self.classifiers = {run: LoadedClassifier(storage_root, directory, use_gpu)
                             for run, directory in classifier_dirs.items()}
-        # {run: [ObjectRef]} from the fit tasks, moved to this actor's device once
-        self.fitted = {run: ray.get(refs[0]).to(self.classifiers[run].device)
-                       for run, refs in (fitted or {}).items()}
+        # {run: ObjectRef} from the fit tasks (refs nested in a dict are not resolved for us),
+        # moved to this actor's device once
+        self.fitted = {run: ray.get(ref).to(self.classifiers[run].device)
+                       for run, ref in (fitted or {}).items()}
         self.class_weights = {run: clf.model.head.class_weights.detach().float()
                               for run, clf in self.classifiers.items()}
 
@@ -143,13 +144,12 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
     dirs = {card["run"]: layout.classifier_dir(card["run"]) for card in cards}
     fitted = None
     if NEEDS_TRAIN_FEATURES & set(evaluate.scores):  # all fits at once, shared by the actors
-        fitted = {run: [fit_task.remote(storage.uri, directory, layout.id_split("train"),
-                                        evaluate.batch_size, use_gpu)]
+        fitted = {run: fit_task.remote(storage.uri, directory, layout.id_split("train"),
+                                       evaluate.batch_size, use_gpu)
                   for run, directory in dirs.items()}
         # Finish the fits before the scoring actors take the GPUs: an actor that waited on a
         # fit inside its constructor would hold the GPU the fit needs.
-        refs = [r for rs in fitted.values() for r in rs]
-        ray.wait(refs, num_returns=len(refs))
+        ray.wait(list(fitted.values()), num_returns=len(fitted))
     scored = data.map_batches(
         Scorer, batch_size=evaluate.batch_size,
         compute=ray.data.ActorPoolStrategy(size=evaluate.concurrency),
