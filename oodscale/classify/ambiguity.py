@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 
 from oodscale.classify.checkpoints import LoadedClassifier
-from oodscale.data.shards import Manifest, ShardInfo, iter_samples, read_manifest, write_manifest
+from oodscale.data.shards import (
+    Manifest,
+    ShardInfo,
+    iter_samples,
+    read_manifest,
+    shard_paths,
+    write_manifest,
+)
 from oodscale.data.shards import write_shard as write_one_shard
 from oodscale.runtime import RunLayout, open_storage, require_gpus
 
@@ -33,7 +40,8 @@ class AmbiguityFilter(LoadedClassifier):
         return logits.softmax(1).max(1).values.numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"path": [], "count": [], "sha256": [], "total": []}
+        out: dict[str, list[Any]] = {"path": [], "count": [], "sha256": [], "size": [],
+                                     "total": []}
         for name in batch["path"].tolist():
             samples = list(iter_samples(self.storage, f"{self.source_dir}/{name}"))
             scores = self.msp(np.stack([image for _, image, _ in samples]))
@@ -43,7 +51,8 @@ class AmbiguityFilter(LoadedClassifier):
                     if p <= self.tau]
             info = write_one_shard(self.storage, self.dest_dir, name, kept)
             for key, value in (("path", info.path), ("count", info.count),
-                               ("sha256", info.sha256), ("total", len(samples))):
+                               ("sha256", info.sha256), ("size", info.size),
+                               ("total", len(samples))):
                 out[key].append(value)
         return out
 
@@ -62,6 +71,7 @@ def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifi
         done = read_manifest(storage, dest_dir)
         if done.extra.get("filter") == settings and len(done.shards) == len(source.shards):
             return done
+    shard_paths(storage, source_dir, source)  # a damaged source shard is refused, not filtered
     storage.makedirs(dest_dir)
     if use_gpu:
         require_gpus(min(concurrency, len(source.shards)), "generate.concurrency")
@@ -83,8 +93,7 @@ def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifi
     manifest = Manifest(
         kind="synthetic", split="labelmix-filtered", image_size=source.image_size,
         channels=source.channels, class_names=source.class_names,
-        shards=sorted((ShardInfo(path=r["path"], count=int(r["count"]), sha256=r["sha256"])
-                       for r in results), key=lambda s: s.path),
+        shards=sorted((ShardInfo.from_row(r) for r in results), key=lambda s: s.path),
         extra={**source.extra, "filter": settings, "kept": kept, "total": total,
                "kept_fraction": kept / total})
     write_manifest(storage, dest_dir, manifest)

@@ -12,10 +12,12 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow.fs as pafs
 import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -24,6 +26,7 @@ from oodscale.runtime import Storage
 
 MANIFEST = "manifest.json"
 Kind = Literal["id", "ood", "synthetic"]
+_HASH_CHUNK = 8 << 20
 
 
 class ShardError(RuntimeError):
@@ -35,6 +38,14 @@ class ShardInfo:
     path: str  # file name relative to the manifest's directory
     count: int
     sha256: str
+    size: int | None = None  # bytes; None in manifests written before sizes were recorded
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ShardInfo:
+        """The entry a Ray Data shard writer returned as a row (`path`, `count`, `sha256`,
+        `size`)."""
+        return cls(path=str(row["path"]), count=int(row["count"]), sha256=str(row["sha256"]),
+                   size=int(row["size"]))
 
 
 @dataclass
@@ -101,7 +112,8 @@ def write_shard(storage: Storage, directory: str, name: str,
     """Write one shard atomically and return its manifest entry."""
     data, count = tar_bytes(samples)
     storage.write_bytes_atomic(f"{directory}/{name}", data)
-    return ShardInfo(path=name, count=count, sha256=hashlib.sha256(data).hexdigest())
+    return ShardInfo(path=name, count=count, sha256=hashlib.sha256(data).hexdigest(),
+                     size=len(data))
 
 
 def write_manifest(storage: Storage, directory: str, manifest: Manifest) -> None:
@@ -126,28 +138,78 @@ def try_read_manifest(storage: Storage, directory: str) -> Manifest | None:
     return read_manifest(storage, directory) if storage.exists(f"{directory}/{MANIFEST}") else None
 
 
+def shard_problem(storage: Storage, directory: str, info: ShardInfo) -> str | None:
+    """What is wrong with a listed shard (missing, size or sha256 not the manifest's), or None.
+
+    The size is a stat; the checksum reads the file once, in chunks.
+    """
+    path = f"{directory}/{info.path}"
+    found = storage.fs.get_file_info(path)
+    if found.type == pafs.FileType.NotFound:
+        return (f"shard {storage.uri_of(path)} listed in {MANIFEST} is missing; rerun the stage "
+                f"that wrote it")
+    if info.size is not None and found.size != info.size:
+        return (f"shard {storage.uri_of(path)} is corrupt (size {found.size} bytes != manifest "
+                f"{info.size}); delete it and its manifest entry and rerun")
+    digest = hashlib.sha256()
+    with storage.fs.open_input_stream(path) as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != info.sha256:
+        return (f"shard {storage.uri_of(path)} is corrupt (sha256 {digest.hexdigest()[:12]}… != "
+                f"manifest {info.sha256[:12]}…); delete it and its manifest entry and rerun")
+    return None
+
+
+def damaged_shards(storage: Storage, directory: str, shards: list[ShardInfo],
+                   ) -> list[tuple[ShardInfo, str]]:
+    """Every listed shard that fails its check, with the reason; checked in parallel threads
+    (hashlib and pyarrow reads release the GIL, and object stores answer faster in parallel)."""
+    if not shards:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+        problems = list(pool.map(lambda s: shard_problem(storage, directory, s), shards))
+    return [(s, p) for s, p in zip(shards, problems, strict=True) if p is not None]
+
+
+_CHECKED: set[tuple[str, str, int, int]] = set()  # shards this process checked, as they were
+
+
 def shard_paths(storage: Storage, directory: str, manifest: Manifest) -> list[str]:
-    """Filesystem paths of the listed shards, checking each exists."""
+    """Paths of the listed shards, each checked against its manifest size and sha256 once per
+    process (again only if the file changed since): every reader goes through here, so a
+    damaged shard is refused with the error `oodscale verify` gives, not decoded into training.
+    """
     paths = [f"{directory}/{s.path}" for s in manifest.shards]
-    missing = [p for p in paths if not storage.exists(p)]
-    if missing:
-        raise ShardError(f"{len(missing)} shard(s) listed in {directory}/{MANIFEST} are missing, "
-                         f"e.g. {missing[0]}; rerun the stage that wrote them")
+    stats = storage.fs.get_file_info(paths)
+    keys = [(p, s.sha256, st.size or -1, st.mtime_ns or -1)
+            for p, s, st in zip(paths, manifest.shards, stats, strict=True)]
+    unchecked = [s for s, key in zip(manifest.shards, keys, strict=True) if key not in _CHECKED]
+    _raise_first(damaged_shards(storage, directory, unchecked))
+    _CHECKED.update(keys)
     return paths
 
 
 def verify_shards(storage: Storage, directory: str) -> Manifest:
-    """Check every listed shard against its sha256; raise naming the first corrupt one."""
+    """Check every listed shard's size and sha256; raise naming the first damaged one."""
     manifest = read_manifest(storage, directory)
-    for info in manifest.shards:
-        path = f"{directory}/{info.path}"
-        if not storage.exists(path):
-            raise ShardError(f"shard {path} is missing; rerun the stage that wrote it")
-        digest = hashlib.sha256(storage.read_bytes(path)).hexdigest()
-        if digest != info.sha256:
-            raise ShardError(f"shard {path} is corrupt (sha256 {digest[:12]}… != manifest "
-                             f"{info.sha256[:12]}…); delete it and its manifest entry and rerun")
+    _raise_first(damaged_shards(storage, directory, manifest.shards))
     return manifest
+
+
+def drop_damaged(storage: Storage, directory: str, manifest: Manifest) -> list[str]:
+    """Remove the damaged shards from `manifest` (in memory), for a writer that redraws them;
+    returns what was wrong with each."""
+    damaged = damaged_shards(storage, directory, manifest.shards)
+    bad = {info.path for info, _ in damaged}
+    manifest.shards = [s for s in manifest.shards if s.path not in bad]
+    return [problem for _, problem in damaged]
+
+
+def _raise_first(damaged: list[tuple[ShardInfo, str]]) -> None:
+    if damaged:
+        more = f" ({len(damaged) - 1} more damaged shard(s) beside it)" if len(damaged) > 1 else ""
+        raise ShardError(damaged[0][1] + more)
 
 
 def iter_raw_samples(storage: Storage, path: str) -> Iterator[dict[str, Any]]:

@@ -80,7 +80,7 @@ class ShardWriter:
         self.out_dir, self.prefix, self.size, self.channels = out_dir, prefix, size, channels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"path": [], "count": [], "sha256": []}
+        out: dict[str, list[Any]] = {"path": [], "count": [], "sha256": [], "size": []}
         for index, files, labels in zip(batch["shard"], batch["files"], batch["labels"],
                                         strict=True):
             samples = ((f"{self.prefix}_{int(index):06d}_{i:06d}",
@@ -92,6 +92,7 @@ class ShardWriter:
             out["path"].append(info.path)
             out["count"].append(info.count)
             out["sha256"].append(info.sha256)
+            out["size"].append(info.size)
         return out
 
 
@@ -114,9 +115,7 @@ def shard_files_with_ray(layout: RunLayout, source_root: str, out_dir: str, pref
                                "out_dir": out_dir,
                                "prefix": prefix, "size": manifest.image_size,
                                "channels": manifest.channels}).take_all()
-    manifest.shards = sorted((ShardInfo(path=r["path"], count=int(r["count"]),
-                                        sha256=r["sha256"]) for r in rows),
-                             key=lambda s: s.path)
+    manifest.shards = sorted((ShardInfo.from_row(r) for r in rows), key=lambda s: s.path)
     write_manifest(layout.storage, out_dir, manifest)
     return manifest
 

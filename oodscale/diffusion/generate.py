@@ -16,7 +16,13 @@ import torch
 from tqdm import tqdm
 
 from oodscale.config import ExperimentConfig, GenerateConfig
-from oodscale.data.shards import Manifest, ShardInfo, try_read_manifest, write_manifest
+from oodscale.data.shards import (
+    Manifest,
+    ShardInfo,
+    drop_damaged,
+    try_read_manifest,
+    write_manifest,
+)
 from oodscale.devices import worker_device
 from oodscale.diffusion.mixup import one_hot
 from oodscale.diffusion.model import load_unet
@@ -84,6 +90,8 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
         manifest = Manifest(kind="synthetic", split="labelmix", image_size=card["image_size"],
                             channels=card["channels"], class_names=card["class_names"],
                             extra={"params": params, "num_shards": gen.num_shards})
+    for problem in drop_damaged(storage, out_dir, manifest):
+        print(f"[oodscale] redrawing: {problem}", flush=True)
     done = {int(s.path.split("-")[-1].split(".")[0]) for s in manifest.shards}
     todo = [i for i in range(gen.num_shards) if i not in done]
     if todo:
@@ -102,8 +110,7 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
                 "timesteps": card["timesteps"], "run_seed": cfg.seed,
                 "model_hash": card["model_hash"], "use_gpu": use_gpu})
         for row in tqdm(rows.iter_rows(), total=len(todo), desc="synthetic shards", unit="shard"):
-            manifest.shards.append(ShardInfo(path=row["path"], count=int(row["count"]),
-                                             sha256=row["sha256"]))
+            manifest.shards.append(ShardInfo.from_row(row))
             manifest.shards.sort(key=lambda s: s.path)
             write_manifest(storage, out_dir, manifest)
     if todo or not storage.exists(f"{out_dir}/grid.png"):

@@ -85,7 +85,8 @@ class ShardSampler:
         self.run_seed, self.model_hash = run_seed, model_hash
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"shard": [], "path": [], "count": [], "sha256": []}
+        out: dict[str, list[Any]] = {"shard": [], "path": [], "count": [], "sha256": [],
+                                     "size": []}
         for index in batch["shard"].tolist():
             seed = shard_seed(self.run_seed, index)
             with sampling_autocast(self.device):
@@ -95,7 +96,7 @@ class ShardSampler:
                        for i, m in enumerate(metas))
             info = write_shard(self.storage, self.out_dir, shard_name("synthetic", index), samples)
             for key, value in (("shard", index), ("path", info.path), ("count", info.count),
-                               ("sha256", info.sha256)):
+                               ("sha256", info.sha256), ("size", info.size)):
                 out[key].append(value)
         return out
 
