@@ -7,6 +7,7 @@ jobs/generate.py --config ...` and `oodscale generate ...` run the same code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import sys
 import time
@@ -101,6 +102,14 @@ STAGES: dict[str, Stage] = {**dict(PIPELINE), "run": _run, "report": _report, "v
 NEEDS_RAY = {"prepare", "train-diffusion", "generate", "train", "evaluate", "run"}
 
 
+def _writer_lock(layout: RunLayout, command: str) -> contextlib.AbstractContextManager:
+    """One writer per experiment root (oodscale.locking); read-only commands take no lock."""
+    from oodscale.locking import experiment_lock
+
+    writes = command in NEEDS_RAY or command == "report"
+    return experiment_lock(layout, command) if writes else contextlib.nullcontext()
+
+
 def _timed(name: str, stage: Stage, cfg: ExperimentConfig, layout: RunLayout) -> str:
     print(f"[oodscale] {name} ...", flush=True)
     started = time.time()
@@ -142,10 +151,11 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
         print(f"oodscale: {err}", file=sys.stderr)
         return 2
     layout = layout_for(cfg)
-    if command in NEEDS_RAY:
-        init_ray(cfg, args.address)
     try:
-        _timed(command, STAGES[command], cfg, layout)
+        with _writer_lock(layout, command):
+            if command in NEEDS_RAY:
+                init_ray(cfg, args.address)
+            _timed(command, STAGES[command], cfg, layout)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"oodscale {command}: error: {err}", file=sys.stderr)
         return 1
