@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint clean install gpu-check
+.PHONY: demo test test-fast lint clean install gpu-check browser report-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# pytorch-ood (the `pood` extra) without its torchvision: PyPI's torchvision is built for
+	# CUDA torch and, beside this CPU torch, breaks every import of it (diffusers' included).
+	$(BIN)/pip install --quiet --no-deps 'pytorch-ood==0.4.0'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,17 +23,30 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/oodscale run configs/digits.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 # Unit tests only (no Ray cluster): a quick loop while editing.
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/pytest -q -m "not integration"
 
 # Every stage on a GPU, then per-worker throughput (docs/gpu.md). Needs a CUDA GPU.
 gpu-check:
 	bench/gpu_check.sh --out docs/gpu_check_latest.md
+
+# report.html is checked in Debian's headless chromium (tests/test_report_html.py): install it
+# where it is missing (as root), or stop with the command that does.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "chromium is missing: run 'apt-get install chromium' as root" >&2; exit 1; }
+
+# Open a report in headless chromium; fails on a console error, broken image or unsortable table.
+REPORT ?= runs/digits/eval/report.html
+report-check: $(STAMP) browser
+	$(BIN)/python -m oodscale.evaluate.report_check $(REPORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 LossName = Literal["softmax", "arcface", "cosface", "sphereface", "adacos", "normsoftmax"]
-ScoreName = Literal["msp", "maxlogit", "energy", "maxcos", "knn", "mahalanobis"]
+
+
+def _known_score(name: str) -> str:
+    from oodscale.evaluate.detectors import check_score_name  # the score table (+ pood: names)
+
+    return check_score_name(name)
+
+
+ScoreName = Annotated[str, AfterValidator(_known_score)]  # evaluate.detectors.SCORES, pood:<Name>
 BuiltinOOD = Literal[
     "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset"
 ]

@@ -40,7 +40,8 @@ SMALL = [
     "train.losses=[arcface]", "train.outliers=[labelmix,noise]", "train.epochs=1",
     "train.steps_per_epoch=2", "train.num_workers=1", "train.batch_size=16",
     "train.outlier_batch_size=8", "train.embedding_dim=8",
-    "evaluate.scores=[msp,maxlogit,energy,maxcos,knn,mahalanobis]",
+    "evaluate.scores=[msp,maxlogit,energy,maxcos,knn,mahalanobis,pood:ViM,pood:ReAct,"
+    "pood:NNGuide,pood:KNN,pood:KLMatching,pood:ASH]",
 ]
 SOURCES = ["none", "labelmix", "labelmix-w1", "labelmix-filtered", "noise", "pixelmix"]
 
@@ -181,10 +182,11 @@ def test_knn_mahalanobis_fit_and_scoring_run_on_the_simulated_device(sim_run):
     batch = {"image": images[:20].transpose(0, 3, 1, 2), "label": np.zeros(20, dtype=np.int64),
              "dataset": np.full(20, "id")}
     with SimulatedAccelerator() as sim:
-        fitted = fit_train_features(storage.uri, directory, layout.id_split("train"), 64, False)
+        fitted = fit_train_features(storage.uri, directory, layout.id_split("train"), 64, False,
+                                    list(cfg.evaluate.scores))
         scorer = Scorer(storage.uri, {"cell": directory}, list(cfg.evaluate.scores),
                         {"cell": ray.put(fitted)})
-        assert sim.on_device(scorer.fitted["cell"].train_normed)
+        assert sim.on_device(scorer.fitted["cell"].features.train_normed)
         scored = scorer(batch)
     plain = LoadedClassifier(storage.uri, directory)
     logits, _ = plain.embed(batch["image"])

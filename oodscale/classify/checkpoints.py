@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from oodscale.classify.models import OODClassifier, build_classifier
+from oodscale.classify.models import Activations, OODClassifier, build_classifier
 from oodscale.data.streams import to_model_input
 from oodscale.devices import worker_device
 from oodscale.runtime import open_storage
@@ -60,8 +60,15 @@ class LoadedClassifier:
 
         The images travel as uint8 (a quarter of float32's bytes) and become floats there.
         """
-        x = to_model_input(torch.as_tensor(images).to(self.device, non_blocking=True))
-        return self.model.embed_and_logits(x)
+        return self.model.embed_and_logits(self._model_input(images))
+
+    @torch.no_grad()
+    def activations_on_device(self, images: np.ndarray) -> Activations:
+        """Logits, embeddings and pooled penultimate activations on the model's device."""
+        return self.model.activations(self._model_input(images))
+
+    def _model_input(self, images: np.ndarray) -> torch.Tensor:
+        return to_model_input(torch.as_tensor(images).to(self.device, non_blocking=True))
 
     def embed(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, embeddings) as float32 on the CPU."""

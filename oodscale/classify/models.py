@@ -8,7 +8,7 @@ adapts to small images, and the Wide-ResNet-40-2 of the outlier-exposure paper.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -213,6 +213,12 @@ def build_backbone(name: str, in_channels: int, image_size: int, embedding_dim: 
     return backbone
 
 
+class Activations(NamedTuple):
+    logits: Tensor  # (B, C), what the head's softmax reads
+    embeddings: Tensor  # (B, D), the backbone's output and the head's input
+    pooled: Tensor  # (B, F), pooled penultimate activations, the embedding layer's input
+
+
 class OODClassifier(nn.Module):
     """Backbone + head in one forward, so DDP sees and syncs every parameter each step.
 
@@ -231,6 +237,20 @@ class OODClassifier(nn.Module):
         """(logits, embeddings) for inference."""
         embeddings = self.backbone(images)
         return self.head.logits(embeddings), embeddings
+
+    def activations(self, images: Tensor) -> Activations:
+        """Logits, embeddings and the pooled penultimate activations of one forward pass.
+
+        Activation-shaping detectors (ReAct, ASH, SCALE) read the pooled, post-ReLU features
+        before the embedding layer; every backbone here is `features` then `embed`.
+        """
+        pooled = self.backbone.features(images)
+        embeddings = self.backbone.embed(pooled)
+        return Activations(self.head.logits(embeddings), embeddings, pooled)
+
+    def logits_from_pooled(self, pooled: Tensor) -> Tensor:
+        """The rest of the network after `activations(...).pooled`: embedding layer + head."""
+        return self.head.logits(self.backbone.embed(pooled))
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(logits, embeddings, id_loss) for images whose first len(labels) rows are ID.

@@ -8,6 +8,8 @@ Sign conventions:
 
 ``knn`` and ``mahalanobis`` need statistics of the ID training embeddings, gathered once by
 :func:`fit_features`. Both work in chunks so ImageNet-sized feature banks fit in memory.
+pytorch-ood's detectors join as ``pood:<Name>`` (:mod:`oodscale.evaluate.pood`); `ScoreSet`
+computes built-in and pytorch-ood scores alike from one forward pass.
 """
 
 from __future__ import annotations
@@ -19,7 +21,43 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SCORE_NAMES = ("msp", "maxlogit", "energy", "maxcos", "knn", "mahalanobis")
+from oodscale.classify.models import Activations, OODClassifier
+from oodscale.evaluate.pood import POOD_PREFIX, POOD_SCORE_NAMES, PoodScore, pood_spec
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    fit: bool  # needs statistics of the ID training split (`fit_features`)
+
+
+# The built-in scores; with `pood:<Name>` for each row of `POOD_DETECTORS`, the names
+# `evaluate.scores` accepts (the config validates against `check_score_name`).
+SCORES: dict[str, ScoreSpec] = {
+    "msp": ScoreSpec(fit=False),
+    "maxlogit": ScoreSpec(fit=False),
+    "energy": ScoreSpec(fit=False),
+    "maxcos": ScoreSpec(fit=False),
+    "knn": ScoreSpec(fit=True),
+    "mahalanobis": ScoreSpec(fit=True),
+}
+SCORE_NAMES = tuple(SCORES)  # the built-in names, in the table's order
+
+
+def check_score_name(name: str) -> str:
+    """`name` if it is a built-in score or a known `pood:<Name>`; else a ValueError that lists
+    every valid name (and, for a pood name without pytorch-ood, how to install it)."""
+    if name in SCORES:
+        return name
+    if name.startswith(POOD_PREFIX):
+        pood_spec(name)
+        return name
+    raise ValueError(f"unknown score {name!r}; valid names: {', '.join(SCORE_NAMES)}, "
+                     f"{', '.join(POOD_SCORE_NAMES)}")
+
+
+def needs_fit(name: str) -> bool:
+    """Whether the score learns from the ID training split before scoring."""
+    return SCORES[name].fit if name in SCORES else pood_spec(name).fit
 
 
 @dataclass
@@ -137,9 +175,10 @@ def compute_scores(
     chunk: int = 1024,
 ) -> dict[str, np.ndarray]:
     """Compute each named score (higher = more ID) for every row of ``logits``/``embeddings``."""
-    unknown = [n for n in names if n not in SCORE_NAMES]
+    unknown = [n for n in names if n not in SCORES]
     if unknown:
-        raise ValueError(f"unknown score name(s) {unknown}; valid names: {list(SCORE_NAMES)}")
+        raise ValueError(f"unknown score name(s) {unknown}; valid names: {list(SCORE_NAMES)} "
+                         "(pytorch-ood's `pood:` scores go through ScoreSet)")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if logits.shape[0] != embeddings.shape[0]:
@@ -165,3 +204,52 @@ def compute_scores(
             else:
                 result[name] = _mahalanobis_score(emb, fitted, chunk)
     return {name: s.cpu().numpy().astype(np.float64) for name, s in result.items()}
+
+
+@dataclass
+class TrainFit:
+    """What the scores of one classifier learned from the ID training split, fitted once (a Ray
+    task) and shared by every scoring actor: kNN/Mahalanobis statistics and fitted pytorch-ood
+    detectors, the latter without their model callables until `ScoreSet` binds them."""
+
+    features: FittedFeatures | None
+    pood: dict[str, PoodScore]
+
+    def to(self, device: torch.device | str) -> TrainFit:
+        return TrainFit(self.features.to(device) if self.features is not None else None,
+                        {name: p.to(device) for name, p in self.pood.items()})
+
+
+def fit_train(names: Sequence[str], model: OODClassifier, train: Activations,
+              labels: torch.Tensor) -> TrainFit:
+    """Fit every score of `names` that learns from the ID training split, on its activations."""
+    features = None
+    if any(n in SCORES and SCORES[n].fit for n in names):
+        features = fit_features(train.embeddings, labels.to(train.embeddings.device))
+    pood = {n: PoodScore(n, model, train, labels).unbind()
+            for n in names if n not in SCORES and needs_fit(n)}
+    return TrainFit(features, pood)
+
+
+class ScoreSet:
+    """Every named score of one classifier, computed from one batch of its activations."""
+
+    def __init__(self, names: Sequence[str], model: OODClassifier, fitted: TrainFit | None):
+        missing = [n for n in names if needs_fit(n) and (
+            fitted is None or (n in SCORES and fitted.features is None)
+            or (n not in SCORES and n not in fitted.pood))]
+        if missing:
+            raise ValueError(f"score(s) {missing} learn from the ID training split, but no fit "
+                             "was given (fit_train)")
+        self.builtin = [n for n in names if n in SCORES]
+        self.features = fitted.features if fitted is not None else None
+        self.class_weights = model.head.class_weights.detach().float()
+        self.pood = {n: fitted.pood[n].bind(model) if needs_fit(n) else PoodScore(n, model)
+                     for n in names if n not in SCORES}
+        self.names = list(names)
+
+    def __call__(self, acts: Activations) -> dict[str, np.ndarray]:
+        out = compute_scores(self.builtin, acts.logits, acts.embeddings, self.class_weights,
+                             self.features)
+        out.update({n: p(acts).cpu().numpy() for n, p in self.pood.items()})
+        return {n: out[n] for n in self.names}

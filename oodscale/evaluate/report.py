@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -119,17 +121,21 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _bold_best(table: pd.DataFrame, means: pd.DataFrame) -> pd.DataFrame:
-    """Bold each column's best shown value: lowest for FPR columns, highest for the rest."""
-    out = table.copy()
+def _best_mask(table: pd.DataFrame, means: pd.DataFrame) -> pd.DataFrame:
+    """Each column's best shown value: lowest for FPR columns, highest for the rest."""
+    mask = pd.DataFrame(False, index=table.index, columns=table.columns)
     for col in means.columns:
         shown = means[col].round(1).to_numpy()
         if np.all(np.isnan(shown)):
             continue
         best = np.nanmin(shown) if "FPR" in col else np.nanmax(shown)
-        mask = shown == best
-        out.loc[mask, col] = "**" + out.loc[mask, col] + "**"
-    return out
+        mask[col] = shown == best
+    return mask
+
+
+def _bold(table: pd.DataFrame, best: pd.DataFrame | None) -> pd.DataFrame:
+    """Markdown bold on the cells `best` marks."""
+    return table if best is None else table.mask(best, "**" + table.astype(str) + "**")
 
 
 def _primary_scores(results: pd.DataFrame) -> dict[str, str]:
@@ -157,10 +163,23 @@ def _per_set_table(results: pd.DataFrame, primary: dict[str, str]) -> pd.DataFra
 
 def paper_table(results: pd.DataFrame, primary: dict[str, str]) -> str:
     """Rows loss × outliers at each loss's primary score; near/far columns; best in bold."""
-    chosen = results[results["score_name"] == results["loss"].map(primary)]
-    means, _, _ = _summary_stats(chosen)
-    table = summary_table(chosen)
-    return _markdown(_bold_best(table, means.reset_index(drop=True)))
+    table = _scored_table(results[results["score_name"] == results["loss"].map(primary)])
+    return _markdown(_bold(table.frame, table.best))
+
+
+@dataclass
+class Table:
+    """One report table: display strings, and which cells are their column's best (or None)."""
+
+    title: str
+    frame: pd.DataFrame
+    best: pd.DataFrame | None = None
+
+
+def _scored_table(results: pd.DataFrame, title: str = "") -> Table:
+    means, _, _ = _summary_stats(results)
+    frame = summary_table(results)
+    return Table(title, frame, _best_mask(frame, means.reset_index(drop=True)))
 
 
 def _slug(text: str) -> str:
@@ -242,26 +261,93 @@ def _bar_plot(results: pd.DataFrame, primary: dict[str, str], path: str) -> None
     _save(fig, path)
 
 
-def _convention(results: pd.DataFrame) -> str:
+def conventions(results: pd.DataFrame) -> list[str]:
+    """The report's convention notes, one Markdown sentence group each."""
     sets = {g: sorted(results.loc[results["group"] == g, "ood_set"].unique()) for g in GROUPS}
     listing = "; ".join(f"{g}: {', '.join(s) if s else '(none)'}" for g, s in sets.items())
-    return "\n".join(
-        [
-            "## Conventions",
-            "",
-            "- OOD is the positive class (OpenOOD v1.5). Scores follow OpenOOD's sign: "
-            "higher score = more in-distribution (`score` in `scores.parquet`); pytorch-ood's "
-            "convention (higher = more OOD) is its negation, `-score`.",
-            "- FPR95: share of ID test samples flagged OOD at the threshold that detects 95 % of "
-            "the OOD samples. AUROC and AUPR-Out rank OOD as positive; AUPR-In ranks ID as "
-            "positive.",
-            "- FPR95 (ID+), the energy/ODIN papers' convention with ID positive: share of OOD "
-            "samples accepted at the threshold that accepts 95 % of ID; in the per-set table "
-            "and as `fpr95_id_positive` in `results.parquet`.",
-            "- All values are in %. Near/far: each group's metrics are averaged over its OOD "
-            "sets, then mean ± std (ddof=0) over seeds. " + listing + ".",
-        ]
-    )
+    return [
+        "OOD is the positive class (OpenOOD v1.5). Scores follow OpenOOD's sign: "
+        "higher score = more in-distribution (`score` in `scores.parquet`); pytorch-ood's "
+        "convention (higher = more OOD) is its negation, `-score`.",
+        "FPR95: share of ID test samples flagged OOD at the threshold that detects 95 % of "
+        "the OOD samples. AUROC and AUPR-Out rank OOD as positive; AUPR-In ranks ID as "
+        "positive.",
+        "FPR95 (ID+), the energy/ODIN papers' convention with ID positive: share of OOD "
+        "samples accepted at the threshold that accepts 95 % of ID; in the per-set table "
+        "and as `fpr95_id_positive` in `results.parquet`.",
+        "All values are in %. Near/far: each group's metrics are averaged over its OOD "
+        "sets, then mean ± std (ddof=0) over seeds. " + listing + ".",
+    ]
+
+
+@dataclass
+class ReportContent:
+    """What report.md and report.html show, built once from the two frames (plots rendered)."""
+
+    title: str
+    primary: dict[str, str]  # loss → its primary score
+    conventions: list[str]
+    tables: list[Table]
+    figures: list[tuple[str, str]]  # (caption, path relative to the report's folder)
+
+
+def build_report(
+    results: pd.DataFrame,
+    scores: pd.DataFrame,
+    out_dir: str,
+    title: str,
+    extra_images: dict[str, str] | None = None,
+) -> ReportContent:
+    """Tables and conventions from the frames; plots rendered to ``out_dir/plots/*.png``."""
+    plots_dir = os.path.join(out_dir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    primary = _primary_scores(results)
+
+    figures: list[tuple[str, str]] = []
+    for loss, score_name in primary.items():
+        rel = f"plots/roc_{_slug(loss)}_{_slug(score_name)}.png"
+        _roc_plot(scores, loss, score_name, os.path.join(out_dir, rel))
+        figures.append((f"ROC curves, {loss} ({score_name})", rel))
+        runs = results[results["loss"] == loss].sort_values(["outliers", "seed", "run"])
+        for _, first in runs.groupby("outliers", sort=True).head(1).iterrows():
+            rel = f"plots/hist_{_slug(first['run'])}_{_slug(score_name)}.png"
+            _hist_plot(scores, first["run"], score_name, os.path.join(out_dir, rel))
+            figures.append((f"Score histograms, run {first['run']} ({score_name})", rel))
+    _bar_plot(results, primary, os.path.join(plots_dir, "fpr95_outliers.png"))
+    figures.append(("FPR95 with and without outliers", "plots/fpr95_outliers.png"))
+    figures += [(caption, os.path.relpath(path, out_dir))
+                for caption, path in (extra_images or {}).items()]
+
+    chosen = results[results["score_name"] == results["loss"].map(primary)]
+    tables = [
+        _scored_table(chosen, "Main table (each loss at its primary score; best per column "
+                      "in bold)"),
+        _scored_table(results, "Every score (mean over the OOD sets of each group; best per "
+                      "column in bold)"),
+        Table("Per OOD set (best score per loss by mean FPR95)",
+              _per_set_table(results, primary)),
+    ]
+    return ReportContent(title, primary, conventions(results), tables, figures)
+
+
+def primary_note(primary: dict[str, str]) -> str:
+    return ("The primary score of a loss is the one with the lowest mean FPR95 over all its "
+            "runs and OOD sets: " + ", ".join(f"{loss}: `{score}`"
+                                              for loss, score in primary.items()) + ".")
+
+
+def markdown_report(content: ReportContent) -> str:
+    """report.md's text: conventions, the three tables, then every figure."""
+    sections = [f"# {content.title}", "", "## Conventions", "",
+                *[f"- {line}" for line in content.conventions]]
+    for i, table in enumerate(content.tables):
+        sections += ["", f"## {table.title}", ""]
+        if i == 0:
+            sections += [primary_note(content.primary), ""]
+        sections.append(_markdown(_bold(table.frame, table.best)))
+    sections += ["", "## Plots", ""]
+    sections += [f"![{caption}]({rel})\n" for caption, rel in content.figures]
+    return "\n".join(sections).rstrip() + "\n"
 
 
 def write_report(
@@ -270,62 +356,19 @@ def write_report(
     out_dir: str,
     title: str,
     extra_images: dict[str, str] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> str:
-    """Write ``report.md`` and ``plots/*.png`` under a local ``out_dir``.
+    """Write ``report.md`` and ``plots/*.png`` under a local ``out_dir``, and with
+    ``provenance`` (`report_html.provenance`) the self-contained ``report.html`` too.
 
     Returns the paper-style table (one row per loss × outliers) for a CLI to print.
     """
-    plots_dir = os.path.join(out_dir, "plots")
-    os.makedirs(plots_dir, exist_ok=True)
-
-    means, _, _ = _summary_stats(results)
-    table = summary_table(results)
-    summary_md = _markdown(_bold_best(table, means.reset_index(drop=True)))
-    primary = _primary_scores(results)
-    paper_md = paper_table(results, primary)
-
-    plot_links: list[tuple[str, str]] = []
-    for loss, score_name in primary.items():
-        rel = f"plots/roc_{_slug(loss)}_{_slug(score_name)}.png"
-        _roc_plot(scores, loss, score_name, os.path.join(out_dir, rel))
-        plot_links.append((f"ROC curves, {loss} ({score_name})", rel))
-        runs = results[results["loss"] == loss].sort_values(["outliers", "seed", "run"])
-        for _, first in runs.groupby("outliers", sort=True).head(1).iterrows():
-            rel = f"plots/hist_{_slug(first['run'])}_{_slug(score_name)}.png"
-            _hist_plot(scores, first["run"], score_name, os.path.join(out_dir, rel))
-            plot_links.append((f"Score histograms, run {first['run']} ({score_name})", rel))
-    _bar_plot(results, primary, os.path.join(plots_dir, "fpr95_outliers.png"))
-    plot_links.append(("FPR95 with and without outliers", "plots/fpr95_outliers.png"))
-
-    sections = [
-        f"# {title}",
-        "",
-        _convention(results),
-        "",
-        "## Main table (each loss at its primary score; best per column in bold)",
-        "",
-        "The primary score of a loss is the one with the lowest mean FPR95 over all its runs "
-        "and OOD sets: " + ", ".join(f"{loss}: `{score}`" for loss, score in primary.items())
-        + ".",
-        "",
-        paper_md,
-        "",
-        "## Every score (mean over the OOD sets of each group; best per column in bold)",
-        "",
-        summary_md,
-        "",
-        "## Per OOD set (best score per loss by mean FPR95)",
-        "",
-        _markdown(_per_set_table(results, primary)),
-        "",
-        "## Plots",
-        "",
-        *[f"![{caption}]({rel})\n" for caption, rel in plot_links],
-    ]
-    if extra_images:
-        sections += ["", "## Other figures", ""]
-        for caption, path in extra_images.items():
-            sections += [f"![{caption}]({os.path.relpath(path, out_dir)})", ""]
+    content = build_report(results, scores, out_dir, title, extra_images)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write("\n".join(sections).rstrip() + "\n")
-    return paper_md
+        fh.write(markdown_report(content))
+    if provenance is not None:
+        from oodscale.evaluate.report_html import write_html  # it imports this module
+
+        write_html(content, out_dir, provenance)
+    main = content.tables[0]
+    return _markdown(_bold(main.frame, main.best))

@@ -20,37 +20,50 @@ import torch
 from tqdm import tqdm
 
 from oodscale.classify.checkpoints import CARD, LoadedClassifier
+from oodscale.classify.models import Activations
 from oodscale.classify.train import grid
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths
 from oodscale.data.streams import read_shards
-from oodscale.evaluate.detectors import FittedFeatures, compute_scores, fit_features
+from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train, needs_fit
+from oodscale.evaluate.pood import POOD_PREFIX, pood_spec
 from oodscale.evaluate.report import aggregate, write_report
+from oodscale.evaluate.report_html import provenance
 from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
-
-NEEDS_TRAIN_FEATURES = {"knn", "mahalanobis"}
 
 
 def fit_train_features(storage_root: str, classifier_dir: str, train_dir: str,
-                       batch_size: int, use_gpu: bool) -> FittedFeatures:
-    """kNN / Mahalanobis statistics from ID training embeddings, embedded in chunks and fitted
-    on this task's device; returned on the CPU for the object store.
+                       batch_size: int, use_gpu: bool, score_names: list[str]) -> TrainFit:
+    """Fit the scores that learn from ID training data (kNN / Mahalanobis statistics, fitted
+    pytorch-ood detectors) on the training split's activations, embedded in chunks on this
+    task's device; returned on the CPU for the object store.
 
-    Runs once per classifier (a Ray task); the scoring actors share the result.
+    Runs once per classifier (a Ray task); the scoring actors share the result. The pooled
+    activations (the largest) are kept only when a detector fits on them (ReAct).
     """
     clf = LoadedClassifier(storage_root, classifier_dir, use_gpu)
     storage = open_storage(storage_root)
-    embeddings, labels, chunk = [], [], []
+    keep_pooled = any(n.startswith(POOD_PREFIX) and needs_fit(n)
+                      and pood_spec(n).reads == "pooled+head" for n in score_names)
+    parts: list[Activations] = []
+    labels, chunk = [], []
+
+    def embed() -> None:
+        acts = clf.activations_on_device(np.stack(chunk))
+        pooled = acts.pooled if keep_pooled else acts.pooled[:, :0]
+        parts.append(Activations(acts.logits.float(), acts.embeddings.float(), pooled.float()))
+        chunk.clear()
+
     for path in shard_paths(storage, train_dir, read_manifest(storage, train_dir)):
         for _, image, meta in iter_samples(storage, path):
             chunk.append(image.transpose(2, 0, 1))
             labels.append(meta["label"])
             if len(chunk) == batch_size:
-                embeddings.append(clf.embed_on_device(np.stack(chunk))[1].float())
-                chunk = []
+                embed()
     if chunk:
-        embeddings.append(clf.embed_on_device(np.stack(chunk))[1].float())
-    fitted = fit_features(torch.cat(embeddings), torch.as_tensor(labels).to(clf.device))
+        embed()
+    train = Activations(*(torch.cat(field) for field in zip(*parts, strict=True)))
+    fitted = fit_train(score_names, clf.model, train, torch.as_tensor(labels).to(clf.device))
     return fitted.to("cpu")
 
 
@@ -63,24 +76,21 @@ class Scorer:
                  use_gpu: bool = False):
         import ray
 
-        self.names = score_names
         self.classifiers = {run: LoadedClassifier(storage_root, directory, use_gpu)
                             for run, directory in classifier_dirs.items()}
         # {run: ObjectRef} from the fit tasks (refs nested in a dict are not resolved for us),
         # moved to this actor's device once
         self.fitted = {run: ray.get(ref).to(self.classifiers[run].device)
                        for run, ref in (fitted or {}).items()}
-        self.class_weights = {run: clf.model.head.class_weights.detach().float()
-                              for run, clf in self.classifiers.items()}
+        self.scores = {run: ScoreSet(score_names, clf.model, self.fitted.get(run))
+                       for run, clf in self.classifiers.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {"dataset": batch["dataset"], "label": batch["label"]}
         for run, clf in self.classifiers.items():
-            logits, emb = clf.embed_on_device(batch["image"])
-            scores = compute_scores(self.names, logits, emb, self.class_weights[run],
-                                    self.fitted.get(run))
-            out[f"pred::{run}"] = logits.argmax(1).cpu().numpy()
-            out.update({f"score::{run}::{k}": v for k, v in scores.items()})
+            acts = clf.activations_on_device(batch["image"])
+            out[f"pred::{run}"] = acts.logits.argmax(1).cpu().numpy()
+            out.update({f"score::{run}::{k}": v for k, v in self.scores[run](acts).items()})
         return out
 
 
@@ -143,9 +153,9 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
     cards = finished_classifiers(cfg, layout)
     dirs = {card["run"]: layout.classifier_dir(card["run"]) for card in cards}
     fitted = None
-    if NEEDS_TRAIN_FEATURES & set(evaluate.scores):  # all fits at once, shared by the actors
+    if any(needs_fit(n) for n in evaluate.scores):  # all fits at once, shared by the actors
         fitted = {run: fit_task.remote(storage.uri, directory, layout.id_split("train"),
-                                       evaluate.batch_size, use_gpu)
+                                       evaluate.batch_size, use_gpu, list(evaluate.scores))
                   for run, directory in dirs.items()}
         # Finish the fits before the scoring actors take the GPUs: an actor that waited on a
         # fit inside its constructor would hold the GPU the fit needs.
@@ -204,7 +214,8 @@ def evaluate(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
 
 def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFrame,
                   scores: pd.DataFrame) -> str:
-    """report.md and plots/ from the two frames alone, written under eval/ (local or remote)."""
+    """report.md, report.html and plots/ from the two frames (plus provenance), written under
+    eval/ (local or remote)."""
     storage = layout.storage
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -215,8 +226,9 @@ def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFram
             local_grid.parent.mkdir(parents=True, exist_ok=True)
             local_grid.write_bytes(storage.read_bytes(grid_png))
             extra["Label-mixup outliers beside ID samples"] = str(local_grid)
+        prov = provenance(cfg, layout, sorted(results["run"].unique()))
         summary = write_report(results, scores, str(out), title=f"oodscale — {cfg.name}",
-                               extra_images=extra)
+                               extra_images=extra, provenance=prov)
         for path in sorted(out.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(out).as_posix()
