@@ -57,7 +57,7 @@ def _evaluate(cfg: ExperimentConfig, layout: RunLayout) -> str:
     from oodscale.evaluate.score import evaluate
 
     out = evaluate(cfg, layout)
-    return (f"\n{out['summary']}\n\nreport: {out['eval_dir']}/report.md\n"
+    return (f"\n{out['summary']}\n\nreport: {out['eval_dir']}/report.html (and report.md)\n"
             f"plots:  {out['eval_dir']}/plots/\n"
             f"data:   {out['eval_dir']}/results.parquet, {out['eval_dir']}/scores.parquet")
 
