@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from oodscale.config import ConfigError, ExperimentConfig, load_config
+from oodscale.errors import named_error
 from oodscale.runtime import RunLayout, init_ray, layout_for
 
 Stage = Callable[[ExperimentConfig, RunLayout], str]
@@ -156,8 +157,11 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
             if command in NEEDS_RAY:
                 init_ray(cfg, args.address)
             _timed(command, STAGES[command], cfg, layout)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"oodscale {command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a named error anywhere in Ray's wrapping of it
+        named = named_error(err)
+        if named is None:
+            raise
+        print(f"oodscale {command}: error: {named}", file=sys.stderr)
         return 1
     return 0
 

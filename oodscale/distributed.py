@@ -7,6 +7,7 @@ and reports checkpoints from rank 0 while every rank reports metrics (Ray Train 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from oodscale.config import WorkerConfig
+from oodscale.progress import publish
 from oodscale.runtime import RunLayout, Storage, resolve_use_gpu
 
 STATE_FILE = "state.json"
@@ -96,9 +98,11 @@ def resumed_state() -> Iterator[tuple[Path | None, dict[str, Any]]]:
 
 def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] | None,
            label: str = "", state: dict[str, Any] | None = None) -> None:
-    """Rank 0 prints an epoch's metrics. With `write` (a checkpoint epoch, on every rank),
-    every rank reports them to Ray Train and rank 0 writes and attaches a checkpoint whose
-    state file holds the metrics plus `state` (what a resume needs to know).
+    """Rank 0 prints an epoch's metrics (to the worker log; on the terminal with --verbose) and
+    publishes them to the driver's stage bar and tracking (oodscale.progress). With `write` (a
+    checkpoint epoch, on every rank), every rank reports them to Ray Train and rank 0 writes
+    and attaches a checkpoint whose state file holds the metrics plus `state` (what a resume
+    needs to know).
 
     Only checkpoint epochs go to Ray Train: a report synchronises every worker with the
     controller, which cost 0.6-1.5 s per epoch on the 2-core machine, more than a digits epoch.
@@ -109,6 +113,7 @@ def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] |
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in metrics.items())
         print(f"[oodscale] {label}{': ' if label else ''}{shown}", flush=True)
+        publish(label, metrics)
     if write is None:
         return
     if not accelerator.is_main_process:
@@ -137,11 +142,16 @@ def publish_dir(storage: Storage, source: str, destination: str,
     never sees a half-copied checkpoint.
     """
     staging = f"{destination}.partial"
-    if storage.exists(staging):
-        storage.fs.delete_dir(staging)
-    storage.makedirs(staging)
-    pafs.copy_files(source, staging, source_filesystem=source_fs or pafs.LocalFileSystem(),
-                    destination_filesystem=storage.fs)
+    try:
+        if storage.exists(staging):
+            storage.fs.delete_dir(staging)
+        storage.makedirs(staging)
+        pafs.copy_files(source, staging, source_filesystem=source_fs or pafs.LocalFileSystem(),
+                        destination_filesystem=storage.fs)
+    except OSError as err:  # full or read-only root: the earlier `destination` is untouched
+        with contextlib.suppress(OSError):
+            storage.fs.delete_dir(staging)
+        raise storage.write_error(staging, err) from err
     if storage.exists(destination):
         storage.fs.delete_dir(destination)
     storage.fs.move(staging, destination)

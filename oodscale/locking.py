@@ -97,8 +97,14 @@ def _create(storage: Storage, path: str, holder: Holder) -> bool:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        except OSError as err:  # read-only or full root: the named storage error
+            raise storage.write_error(path, err) from err
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as err:
+            os.unlink(path)
+            raise storage.write_error(path, err) from err
         return True
     if storage.exists(path):
         return False

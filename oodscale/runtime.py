@@ -7,6 +7,7 @@ Storage goes through pyarrow filesystems so a root may be a local path, file://,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -17,6 +18,10 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from oodscale.config import ExperimentConfig
+
+
+class StorageError(RuntimeError):
+    """A write to the storage root failed (read-only, full, no permission): names the file."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +50,27 @@ class Storage:
             return f.read()
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
-        """Write via a temp name then rename, so readers never see a half-written file."""
+        """Write via a temp name then rename, so readers never see a half-written file; a
+        failed write removes its temp file and leaves any earlier `path` as it was."""
         parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, path)
+        try:
+            self.fs.create_dir(parent, recursive=True)
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+            raise self.write_error(path, err) from err
+
+    def write_error(self, path: str, err: OSError) -> StorageError:
+        """The named error of a failed write under this root."""
+        return StorageError(
+            f"cannot write {self.uri_of(path)}: {err}; the storage root {self.uri} is full, "
+            f"read-only or not writable by this user. Free space or fix its permissions (or set "
+            f"storage.root elsewhere) and rerun: finished shards, manifests and checkpoints are "
+            f"left as they were and the rerun resumes from them")
 
     def fetch_dir(self, path: str, scratch: Path) -> Path:
         """A local directory holding `path`'s files: itself when local, else a copy in scratch."""
@@ -62,7 +81,10 @@ class Storage:
         return scratch
 
     def makedirs(self, path: str) -> None:
-        self.fs.create_dir(path, recursive=True)
+        try:
+            self.fs.create_dir(path, recursive=True)
+        except OSError as err:
+            raise self.write_error(path, err) from err
 
 
 def open_storage(root: str) -> Storage:
@@ -143,7 +165,11 @@ _LOCAL_RAY_STARTED = False  # whether this process started its own Ray (no autos
 def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     """Join the cluster at `address` / config / RAY_ADDRESS, or start a local one sized for CI."""
     import ray
+    import ray.data
 
+    # an error in a Ray Data task reaches the driver as itself (e.g. StorageError), not as
+    # UserCodeException, so the CLI can name it (oodscale.errors)
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     if ray.is_initialized():
         return
     target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
