@@ -3,6 +3,7 @@ shipping, and (integration) the evaluate stage on trained classifiers, report.ht
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -38,6 +39,15 @@ def test_an_unknown_pood_name_is_a_config_error_listing_the_valid_ones():
         load_config(CONFIG, ["evaluate.scores=[msp,pood:Nope]"])
     cfg = load_config(CONFIG, ["evaluate.scores=[msp,pood:ViM,pood:ReAct]"])
     assert cfg.evaluate.scores == ["msp", "pood:ViM", "pood:ReAct"]
+
+
+def test_a_pood_score_without_pytorch_ood_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytorch_ood" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pood:ViM.*oodscale\[pood\]"):
+        load_config(CONFIG, ["evaluate.scores=[pood:ViM]"])
+    load_config(CONFIG, ["evaluate.scores=[msp,knn]"])  # built-ins need nothing more
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
