@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from oodscale import tracking
 from oodscale.config import ConfigError, ExperimentConfig, load_config
 from oodscale.errors import named_error
 from oodscale.runtime import RunLayout, init_ray, layout_for
@@ -40,6 +41,8 @@ def _generate(cfg: ExperimentConfig, layout: RunLayout) -> str:
     from oodscale.diffusion.generate import generate
 
     manifests = generate(cfg, layout)
+    tracking.log_metrics({"synthetic_samples": sum(m.num_samples for m in manifests),
+                          "synthetic_shards": sum(len(m.shards) for m in manifests)})
     uri = layout.storage.uri_of(layout.synthetic_dir)
     return (f"{sum(m.num_samples for m in manifests)} synthetic outliers in "
             f"{sum(len(m.shards) for m in manifests)} shards ({len(manifests)} guidance "
@@ -58,6 +61,7 @@ def _evaluate(cfg: ExperimentConfig, layout: RunLayout) -> str:
     from oodscale.evaluate.score import evaluate
 
     out = evaluate(cfg, layout)
+    tracking.log_results(layout)
     return (f"\n{out['summary']}\n\nreport: {out['eval_dir']}/report.html (and report.md)\n"
             f"plots:  {out['eval_dir']}/plots/\n"
             f"data:   {out['eval_dir']}/results.parquet, {out['eval_dir']}/scores.parquet")
@@ -96,7 +100,7 @@ def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
         if name in ("train-diffusion", "generate") and not needs_ddpm:
             continue
         out.append(_timed(name, stage, cfg, layout))
-    return out[-1]
+    return f"{len(out)} stages (results above)"
 
 
 STAGES: dict[str, Stage] = {**dict(PIPELINE), "run": _run, "report": _report, "verify": _verify}
@@ -114,7 +118,8 @@ def _writer_lock(layout: RunLayout, command: str) -> contextlib.AbstractContextM
 def _timed(name: str, stage: Stage, cfg: ExperimentConfig, layout: RunLayout) -> str:
     print(f"[oodscale] {name} ...", flush=True)
     started = time.time()
-    message = stage(cfg, layout)
+    with tracking.stage_run(cfg, name):
+        message = stage(cfg, layout)
     print(f"[oodscale] {name} done in {time.time() - started:.0f}s: {message}", flush=True)
     return message
 
@@ -127,6 +132,8 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
         parser.add_argument("command", choices=sorted(STAGES))
     parser.add_argument("--config", help="experiment YAML (default configs/digits.yaml)")
     parser.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else local)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logging and every worker's output here too")
     parser.add_argument("--ood", action="append", default=[],
                         metavar="NAME=PATH[,webdataset][,near]",
                         help="add your own OOD test set (ImageFolder tree by default); repeatable")
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     try:
         with _writer_lock(layout, command):
             if command in NEEDS_RAY:
-                init_ray(cfg, args.address)
+                init_ray(cfg, args.address, verbose=args.verbose)
             _timed(command, STAGES[command], cfg, layout)
     except Exception as err:  # noqa: BLE001 - a named error anywhere in Ray's wrapping of it
         named = named_error(err)

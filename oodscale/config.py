@@ -219,6 +219,15 @@ class EvaluateConfig(_Section):
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
 
 
+class TrackingConfig(_Section):
+    """Optional MLflow tracking (oodscale.tracking); needs `pip install 'oodscale[mlflow]'`."""
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (file:/path works offline, or http://host:5000); "
+                          "None = no tracking.")
+    experiment: str | None = Field(None, description="MLflow experiment; None = config name.")
+
+
 class ExperimentConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     seed: int = 0
@@ -229,6 +238,7 @@ class ExperimentConfig(_Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property
     def num_classes(self) -> int:

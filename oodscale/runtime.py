@@ -162,10 +162,14 @@ def seed_everything(seed: int) -> None:
 _LOCAL_RAY_STARTED = False  # whether this process started its own Ray (no autoscaler)
 
 
-def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
-    """Join the cluster at `address` / config / RAY_ADDRESS, or start a local one sized for CI."""
+def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = False) -> None:
+    """Join the cluster at `address` / config / RAY_ADDRESS, or start a local one sized for CI.
+
+    Ray's own logging stays in its log files unless `verbose` (oodscale.raylog)."""
     import ray
     import ray.data
+
+    from oodscale import raylog
 
     # an error in a Ray Data task reaches the driver as itself (e.g. StorageError), not as
     # UserCodeException, so the CLI can name it (oodscale.errors)
@@ -175,20 +179,21 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     quiet = {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     os.environ.update(quiet)  # the driver's own progress bars are ours (tqdm), not Ray Data's
-    env = {"env_vars": quiet}
+    env = {"env_vars": {**quiet, **raylog.WORKER_ENV}}
     if target:
-        ray.init(address=target, runtime_env=env, log_to_driver=True)
-        return
-    cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
-    global _LOCAL_RAY_STARTED
-    _LOCAL_RAY_STARTED = True
-    ray.init(
-        num_cpus=cpus,
-        object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-        include_dashboard=False,
-        runtime_env=env,
-        log_to_driver=True,
-    )
+        ray.init(address=target, runtime_env=env, **raylog.init_options(verbose))
+    else:
+        cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        global _LOCAL_RAY_STARTED
+        _LOCAL_RAY_STARTED = True
+        ray.init(
+            num_cpus=cpus,
+            object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+            include_dashboard=False,
+            runtime_env=env,
+            **raylog.init_options(verbose),
+        )
+    raylog.after_init(verbose, target)
 
 
 def cluster_has_gpus() -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from oodscale import tracking
 from oodscale.classify.ambiguity import filter_synthetic
 from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
 from oodscale.classify.outliers import OutlierStream
@@ -38,6 +39,7 @@ from oodscale.distributed import (
     resumed_state,
     run_trainer,
 )
+from oodscale.progress import epoch_progress
 from oodscale.runtime import (
     RunLayout,
     derive_seed,
@@ -259,13 +261,17 @@ def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str
     plain = RunSpec("softmax", "none", cfg.train.seeds[0])
     if filtered and not finished(plain) and plain not in first:
         first.insert(0, plain)
-    for group, name in ((first, f"{cfg.name}-classifiers"),
-                        (filtered, f"{cfg.name}-classifiers-filtered")):
-        if not group:
-            continue
-        variants = {labelmix_variant(s.outliers, default) for s in group} - {None}
-        outlier_sets = {v.dirname(default): _outlier_data(cfg, layout, v, manifest, plain.name)
-                        for v in sorted(variants, key=lambda v: (v.guidance, v.filtered))}
-        train_group(cfg, layout, group, id_data, manifest, outlier_sets, name)
+    cells = {s.name: {"loss": s.loss, "outliers": s.outliers, "seed": s.seed}
+             for s in first + filtered}
+    with epoch_progress("train", len(cells), cfg.train.epochs, tracking.epoch_logger(cells)):
+        for group, name in ((first, f"{cfg.name}-classifiers"),
+                            (filtered, f"{cfg.name}-classifiers-filtered")):
+            if not group:
+                continue
+            variants = {labelmix_variant(s.outliers, default) for s in group} - {None}
+            outlier_sets = {v.dirname(default): _outlier_data(cfg, layout, v, manifest,
+                                                              plain.name)
+                            for v in sorted(variants, key=lambda v: (v.guidance, v.filtered))}
+            train_group(cfg, layout, group, id_data, manifest, outlier_sets, name)
     return [{"run": s.name, **json.loads(storage.read_bytes(
         f"{layout.classifier_dir(s.name)}/{CARD}")).get("train", {})} for s in pending]

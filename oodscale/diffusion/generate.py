@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from oodscale.config import ExperimentConfig, GenerateConfig
 from oodscale.data.shards import (
@@ -35,6 +34,7 @@ from oodscale.diffusion.sample import (
 )
 from oodscale.diffusion.train import MODEL_CARD
 from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
+from oodscale.progress import track
 from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
 
 
@@ -109,7 +109,8 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
                 "out_dir": out_dir, "gen": gen.model_dump(),
                 "timesteps": card["timesteps"], "run_seed": cfg.seed,
                 "model_hash": card["model_hash"], "use_gpu": use_gpu})
-        for row in tqdm(rows.iter_rows(), total=len(todo), desc="synthetic shards", unit="shard"):
+        for row in track(rows.iter_rows(), f"generate {out_dir.rsplit('/', 1)[-1]}", len(todo),
+                         "shard"):
             manifest.shards.append(ShardInfo.from_row(row))
             manifest.shards.sort(key=lambda s: s.path)
             write_manifest(storage, out_dir, manifest)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from oodscale import tracking
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
 from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
@@ -27,6 +28,7 @@ from oodscale.distributed import (
     resumed_state,
     run_trainer,
 )
+from oodscale.progress import epoch_progress
 from oodscale.runtime import RunLayout, derive_seed, seed_everything
 
 MODEL_CARD = "model.json"  # written last: its presence means the stage finished
@@ -113,12 +115,13 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     dataset, manifest = read_shards(storage, layout.id_split("train"))
     d = cfg.diffusion
     steps = steps_per_epoch(manifest.num_samples, d.batch_size, d.num_workers)
-    result = run_trainer(
-        diffusion_loop,
-        {"cfg": cfg.model_dump(), "manifest": manifest.to_json(), "steps_per_epoch": steps,
-         "checkpoint_every": max(1, d.epochs // 4),
-         "cached": rows_fit_in_cache(manifest, d.num_workers, d.cache_mb)},
-        {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion")
+    with epoch_progress("train-diffusion", 1, d.epochs, tracking.epoch_logger()):
+        result = run_trainer(
+            diffusion_loop,
+            {"cfg": cfg.model_dump(), "manifest": manifest.to_json(), "steps_per_epoch": steps,
+             "checkpoint_every": max(1, d.epochs // 4),
+             "cached": rows_fit_in_cache(manifest, d.num_workers, d.cache_mb)},
+            {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion")
     unet_dir = f"{layout.diffusion_dir}/unet"
     copy_checkpoint(result, layout, unet_dir)
     card = {"epochs": d.epochs, "final_loss": result.metrics.get("loss"),

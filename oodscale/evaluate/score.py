@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import torch
-from tqdm import tqdm
 
 from oodscale.classify.checkpoints import CARD, LoadedClassifier
 from oodscale.classify.models import Activations
@@ -29,6 +28,7 @@ from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train, needs_fit
 from oodscale.evaluate.pood import POOD_PREFIX, pood_spec
 from oodscale.evaluate.report import aggregate, write_report
 from oodscale.evaluate.report_html import provenance
+from oodscale.progress import track
 from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
 
 
@@ -167,10 +167,9 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
         fn_constructor_kwargs={"storage_root": storage.uri, "classifier_dirs": dirs,
                                "score_names": list(evaluate.scores), "fitted": fitted,
                                "use_gpu": use_gpu})
-    total = -(-data.count() // evaluate.batch_size)
-    wide = pd.concat(list(tqdm(scored.iter_batches(batch_size=None, batch_format="pandas"),
-                               total=total, desc=f"scoring {len(cards)} classifiers",
-                               unit="batch")), ignore_index=True)
+    wide = pd.concat(list(track(scored.iter_batches(batch_size=None, batch_format="pandas"),
+                                f"evaluate: {len(cards)} classifiers, {len(sets)} test sets",
+                                data.count(), "image", size=len)), ignore_index=True)
     frames = []
     for card in cards:
         run = card["run"]
