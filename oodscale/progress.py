@@ -5,8 +5,9 @@ puts each epoch's metrics there, a driver thread drains it, moves the stage's ba
 metrics to experiment tracking. Worker stdout stays in Ray's log files unless `--verbose`.
 
 On a terminal the bar is tqdm's, redrawn in place. In a log (stderr not a TTY) there is no
-carriage-return redraw: a plain line at most every `LOG_EVERY_S` seconds, so a piped run stays
-short and readable.
+carriage-return redraw: a plain line once at least `LOG_EVERY_S` seconds and a tenth of the
+stage have passed, so a piped run stays short (at most ten lines a stage, however slow the
+machine) and readable.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class StageBar:
         self.n, self.status = 0, ""
         self._tqdm = (tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
                       if sys.stderr.isatty() else None)
-        self._last_line = time.monotonic()
+        self._last_line, self._last_n = time.monotonic(), 0
 
     def advance_to(self, n: int, status: str = "") -> None:
         self.n, self.status = min(n, self.total), status or self.status
@@ -44,8 +45,9 @@ class StageBar:
             if status:
                 self._tqdm.set_postfix_str(status, refresh=False)
             return
-        if time.monotonic() - self._last_line >= LOG_EVERY_S:
-            self._last_line = time.monotonic()
+        if (time.monotonic() - self._last_line >= LOG_EVERY_S
+                and self.n - self._last_n >= self.total / 10):
+            self._last_line, self._last_n = time.monotonic(), self.n
             print(f"[oodscale] {self.desc}: {self.n}/{self.total} {self.unit}s"
                   f"{'  ' + self.status if self.status else ''}", file=sys.stderr, flush=True)
 
@@ -123,6 +125,9 @@ def epoch_progress(desc: str, runs: int, epochs: int,
     """
     import ray
 
+    if runs * epochs == 0:  # nothing left to train
+        yield
+        return
     mailbox = _open_mailbox()
     bar = StageBar(desc, runs * epochs, "epoch")
     done: dict[str, int] = {}

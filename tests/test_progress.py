@@ -25,6 +25,16 @@ def test_bar_in_a_log_stays_quiet_between_intervals(capsys):
     assert capsys.readouterr().err == ""  # far less than LOG_EVERY_S passed
 
 
+def test_bar_in_a_log_prints_at_most_ten_lines_however_slow(capsys, monkeypatch):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # as if every update came a minute late
+    bar = progress.StageBar("train-diffusion", 100, "epoch")
+    for n in range(1, 101):
+        bar.advance_to(n, "loss 0.1")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10
+    assert lines[-1] == "[oodscale] train-diffusion: 100/100 epochs  loss 0.1"
+
+
 @pytest.mark.integration
 def test_worker_epochs_reach_the_driver_in_order(ray_cluster):
     ray = ray_cluster

@@ -51,6 +51,13 @@ def test_default_output_is_short_and_verbose_shows_ray(tmp_path):
     assert noise == [], noise
     assert len(quiet) < MAX_LINES, "\n".join(quiet)
     assert sum("Ray's own logs" in line for line in quiet) == 1
+    # each epoch line of the Ray Train worker is written once (Ray Train's print patch off)
+    logs = Path(next(line for line in quiet if "Ray's own logs" in line).split(": ")[-1]
+                .split(" (--verbose")[0])
+    epoch_lines = [line for path in logs.glob("worker-*.*") if path.suffix in (".out", ".err")
+                   for line in path.read_text(errors="replace").splitlines()
+                   if "[oodscale] softmax-none-s0: loss" in line]
+    assert len(epoch_lines) == 2, epoch_lines
     assert sum(line.startswith("| loss | outliers |") for line in quiet) == 1  # the table once
 
     verbose = _oodscale("evaluate", "--verbose", *args)
