@@ -129,7 +129,9 @@ def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] |
 def copy_checkpoint(result, layout: RunLayout, destination: str) -> None:
     """Publish the trainer's final checkpoint at `destination` (local or remote)."""
     if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
+        raise RuntimeError("training finished without a checkpoint; see the worker logs "
+                           "(worker-*.out in the Ray log directory named at the start, or "
+                           "rerun with --verbose)")
     publish_dir(layout.storage, result.checkpoint.path, destination,
                 result.checkpoint.filesystem)
 
