@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
     os.environ.update(quiet)  # the driver's own progress bars are ours (tqdm), not Ray Data's
     env = {"env_vars": {**quiet, **raylog.WORKER_ENV}}
     if target:
+        probe_ray_address(target)
         ray.init(address=target, runtime_env=env, **raylog.init_options(verbose))
     else:
         cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
@@ -194,6 +196,20 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
             **raylog.init_options(verbose),
         )
     raylog.after_init(verbose, target)
+
+
+def probe_ray_address(target: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the address, when nothing listens there: `ray.init` itself
+    retries a dead address for minutes. `auto` and addresses without a port are left to Ray."""
+    host, _, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise RuntimeError(f"no Ray cluster answers at {target} ({err}); start it (e.g. "
+                           f"cluster/start-local-head.sh) or fix --address / RAY_ADDRESS / "
+                           f"ray.address (leave all three unset to start a local Ray)") from None
 
 
 def cluster_has_gpus() -> bool:

@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from oodscale.classify.models import Activations, OODClassifier, build_classifier
 from oodscale.data.streams import to_model_input
 from oodscale.devices import worker_device
 from oodscale.runtime import open_storage
+from oodscale.weights import load_weights
 
 WEIGHTS = "model.safetensors"
 CARD = "classifier.json"  # written last: its presence means the run finished
@@ -40,7 +41,7 @@ def load_classifier(directory: Path) -> tuple[OODClassifier, dict[str, Any]]:
                                 f"rerun `oodscale train`")
     card = json.loads(card_path.read_text())
     model = classifier_from_card(card)
-    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    model.load_state_dict(load_weights(directory / WEIGHTS))
     return model.eval(), card
 
 

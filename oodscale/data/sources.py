@@ -59,6 +59,10 @@ def list_imagefolder(root: str) -> tuple[list[str], list[int], list[str]]:
         labels += [label] * len(found)
     if not files:
         raise ValueError(f"{root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
+    if len(classes) < 2:
+        raise ValueError(f"{root} has one class directory ({classes[0]}); in-distribution data "
+                         f"needs at least two classes. For a set of outliers use --ood "
+                         f"NAME={root} (or data.extra_ood) instead")
     return files, labels, classes
 
 

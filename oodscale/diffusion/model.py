@@ -18,6 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from oodscale.runtime import Storage
+from oodscale.weights import require_safetensors
 
 
 class LabelConditionedUNet(ModelMixin, ConfigMixin):
@@ -61,4 +62,6 @@ def model_hash(directory: str | Path) -> str:
 def load_unet(storage: Storage, unet_dir: str) -> LabelConditionedUNet:
     """The saved DDPM from any storage root, in eval mode."""
     with tempfile.TemporaryDirectory() as tmp:
-        return LabelConditionedUNet.from_pretrained(storage.fetch_dir(unet_dir, Path(tmp))).eval()
+        local = storage.fetch_dir(unet_dir, Path(tmp))
+        require_safetensors(local / "diffusion_pytorch_model.safetensors")  # never a pickle
+        return LabelConditionedUNet.from_pretrained(local, use_safetensors=True).eval()

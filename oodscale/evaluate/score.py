@@ -112,6 +112,14 @@ def finished_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[
         card_path = f"{info.path}/{CARD}"
         if info.type == pafs.FileType.Directory and storage.exists(card_path):
             cards.append(json.loads(storage.read_bytes(card_path)))
+    id_classes = read_manifest(storage, layout.id_split("train")).class_names
+    for card in cards:  # a classifier of other classes would score and count accuracy wrongly
+        if card["class_names"] != id_classes:
+            where = storage.uri_of(layout.classifier_dir(card["run"]))
+            raise ValueError(f"classifier {card['run']} was trained on {card['num_classes']} "
+                             f"classes {card['class_names']}, the ID data has {len(id_classes)}"
+                             f" {id_classes}; delete {where} (or set name to a new experiment) "
+                             f"and rerun `oodscale train`")
     return cards
 
 

@@ -1,0 +1,176 @@
+"""Bad input stops with an error naming the thing and the fix; nothing finished is lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oodscale.classify.checkpoints import WEIGHTS, load_classifier, save_classifier
+from oodscale.classify.train import RunSpec, _card
+from oodscale.cli import main
+from oodscale.config import load_config
+from oodscale.data.shards import load_arrays, read_manifest, write_split
+from oodscale.diffusion.model import LabelConditionedUNet, load_unet
+from oodscale.runtime import open_storage
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _folder(root: Path, classes: list[str], per_class: int, modes: tuple[str, ...] = ("RGB",)):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert(modes[i % len(modes)]).save(root / name / f"{i}.png")
+
+
+def _imagefolder_args(tmp_path: Path, data: Path) -> list[str]:
+    return [f"storage.root={tmp_path / 'runs'}", "data.source=imagefolder", f"data.path={data}",
+            "data.id_classes=null", "data.channels=3", "data.image_size=12",
+            "data.shard_size=8", "data.ood_sets=[gaussian]", "data.ood_samples=8"]
+
+
+@pytest.mark.integration
+def test_undecodable_image_among_many_is_named(tmp_path, ray_cluster, capsys):
+    data = tmp_path / "images"
+    _folder(data / "train", ["a", "b"], 12)
+    (data / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    assert main(["prepare", CONFIG, *_imagefolder_args(tmp_path, data)]) == 1
+    err = capsys.readouterr().err
+    ours = err[err.index("oodscale prepare: error: "):]
+    assert "cannot decode image" in ours and "broken.png" in ours and "remove or replace" in ours
+    assert not (tmp_path / "runs" / "digits" / "data" / "id" / "train" / "manifest.json").exists()
+
+
+@pytest.mark.integration
+def test_grayscale_rgb_mix_is_converted_to_the_configured_channels(tmp_path, ray_cluster):
+    data = tmp_path / "images"
+    for split in ("train", "val"):
+        _folder(data / split, ["a", "b"], 8, modes=("RGB", "L", "RGBA", "P"))
+    assert main(["prepare", CONFIG, *_imagefolder_args(tmp_path, data)]) == 0
+    storage = open_storage(str(tmp_path / "runs"))
+    images, _ = load_arrays(storage, storage.path("digits", "data", "id", "test"))
+    assert images.shape == (16, 12, 12, 3)
+
+
+def test_imagefolder_with_one_class_is_refused(tmp_path, capsys):
+    data = tmp_path / "images"
+    _folder(data / "train", ["only"], 4)
+    from oodscale.data.sources import list_imagefolder
+
+    with pytest.raises(ValueError, match=r"one class directory \(only\).*--ood NAME="):
+        list_imagefolder(str(data / "train"))
+
+
+@pytest.mark.integration
+def test_empty_ood_set_is_named(tmp_path, ray_cluster, capsys):
+    empty = tmp_path / "my_ood"
+    (empty / "nothing_here").mkdir(parents=True)
+    args = [f"storage.root={tmp_path}", "data.ood_sets=[gaussian]", "data.ood_samples=8"]
+    assert main(["prepare", CONFIG, "--ood", f"mine={empty}", *args]) == 1
+    assert "OOD set mine: no images under" in capsys.readouterr().err
+    assert (tmp_path / "digits" / "data" / "ood" / "gaussian" / "manifest.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("bad_inputs")
+    args = [f"storage.root={root}", "data.ood_sets=[gaussian]", "data.ood_samples=16",
+            "train.losses=[softmax]", "train.outliers=[none]", "train.seeds=[0]"]
+    assert main(["prepare", CONFIG, *args]) == 0
+    return root, args
+
+
+@pytest.mark.integration
+def test_label_out_of_range_in_a_shard_is_named(prepared, capsys, tmp_path):
+    root, args = prepared
+    shutil.copytree(root / "digits" / "data", tmp_path / "digits" / "data")
+    storage = open_storage(str(tmp_path))
+    test_dir = storage.path("digits", "data", "id", "test")
+    images, metas = load_arrays(storage, test_dir)
+    metas[3] = {"label": 9}  # a shard of another dataset, listed with valid checksums
+    write_split(storage, test_dir, "test", images, metas, 500, read_manifest(storage, test_dir))
+    capsys.readouterr()
+    assert main(["evaluate", CONFIG, *args, f"storage.root={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    ours = err[err.index("oodscale evaluate: error: "):]
+    assert "label 9, outside [0, 6)" in ours and "test-000000.tar" in ours
+
+
+@pytest.mark.integration
+def test_classifier_of_other_classes_is_refused(prepared, capsys):
+    root, args = prepared
+    cfg = load_config(CONFIG, args)
+    storage = open_storage(str(root))
+    manifest = read_manifest(storage, storage.path("digits", "data", "id", "train"))
+    manifest.class_names = ["0", "1", "2", "3"]  # a classifier of four classes
+    card = _card(cfg, RunSpec("softmax", "none", 0), manifest)
+    from oodscale.classify.checkpoints import classifier_from_card
+
+    save_classifier(classifier_from_card(card), card,
+                    root / "digits" / "classifiers" / "softmax-none-s0")
+    capsys.readouterr()
+    assert main(["evaluate", CONFIG, *args]) == 1
+    err = capsys.readouterr().err
+    assert "classifier softmax-none-s0 was trained on 4 classes" in err
+    assert "rerun `oodscale train`" in err
+
+
+@pytest.mark.integration
+def test_generator_of_other_classes_is_refused(prepared, capsys):
+    root, args = prepared
+    diffusion = root / "digits" / "diffusion"
+    diffusion.mkdir(parents=True, exist_ok=True)
+    (diffusion / "model.json").write_text(json.dumps({
+        "num_classes": 4, "class_names": ["0", "1", "2", "3"], "image_size": 16, "channels": 1,
+        "timesteps": 50, "model_hash": "0" * 16, "epochs": 1}))
+    capsys.readouterr()
+    assert main(["generate", CONFIG, *args, "train.outliers=[labelmix]"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown to the generator" in err and "'4', '5'" in err
+    assert not list((root / "digits").glob("synthetic*/manifest.json"))
+
+
+def test_ray_address_that_does_not_answer_fails_fast(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "oodscale"), "prepare", CONFIG, "--address",
+         f"127.0.0.1:{port}", f"storage.root={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in done.stderr
+    assert "RAY_ADDRESS" in done.stderr
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pickled_classifier_weights_are_refused(tmp_path, zip_format):
+    card = {"backbone": "smallcnn", "loss": "softmax", "channels": 1, "image_size": 16,
+            "num_classes": 3, "embedding_dim": 8, "head_options": {}, "run": "x"}
+    from oodscale.classify.checkpoints import classifier_from_card
+
+    save_classifier(classifier_from_card(card), card, tmp_path)
+    state = classifier_from_card(card).state_dict()
+    torch.save(state, tmp_path / WEIGHTS, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(ValueError, match="is a pickle.*never unpickles"):
+        load_classifier(tmp_path)
+
+
+def test_pickled_ddpm_is_refused(tmp_path):
+    unet = LabelConditionedUNet(num_classes=3, sample_size=8, in_channels=1,
+                                block_out_channels=(8, 8))
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=False)  # a pickle .bin
+    with pytest.raises(FileNotFoundError, match="safetensors files only"):
+        load_unet(open_storage(str(tmp_path)), str(tmp_path / "unet"))
