@@ -1,4 +1,5 @@
-"""`oodscale prepare|train-diffusion|generate|train|evaluate|run|report|verify CONFIG [k=v ...]`.
+"""`oodscale prepare|train-diffusion|generate|train|calibrate|evaluate|run|report|verify|status
+CONFIG [k=v ...]`, and `oodscale predict CONFIG --run RUN PATH...`.
 
 The `jobs/*.py` entry points call `job_main` with their stage, so `ray job submit -- python
 jobs/generate.py --config ...` and `oodscale generate ...` run the same code.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -81,6 +84,7 @@ def _verify(cfg: ExperimentConfig, layout: RunLayout) -> str:
     from oodscale.data.shards import verify_shards
 
     dirs = [layout.id_split("train"), layout.id_split("test"),
+            *([layout.id_split("val")] if layout.storage.exists(layout.id_split("val")) else []),
             *(layout.ood_set(n) for n in cfg.data.ood_sets)]
     if layout.storage.exists(layout.synthetic_dir):
         dirs.append(layout.synthetic_dir)
@@ -88,9 +92,31 @@ def _verify(cfg: ExperimentConfig, layout: RunLayout) -> str:
     return f"{len(dirs)} shard sets, {sum(counts)} samples: every checksum matches"
 
 
+def _calibrate(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    from oodscale.evaluate.calibration import calibrate
+
+    done = calibrate(cfg, layout)
+    lines = [f"  {d['run']}: {cfg.detector.score} threshold {d['threshold']:.4g} "
+             f"({d['images']} ID validation images)" for d in done]
+    return ("\n".join([f"thresholds at {100 * cfg.detector.tpr:g}% ID accepted:", *lines])
+            if lines else "every classifier already calibrated")
+
+
+def _status(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    from oodscale.status import render_status
+
+    return "\n" + render_status(cfg, layout)
+
+
+def _predict(cfg: ExperimentConfig, layout: RunLayout, request: Any = None) -> str:
+    from oodscale.predict import predict
+
+    return "\n" + predict(cfg, layout, request)
+
+
 PIPELINE: list[tuple[str, Stage]] = [
     ("prepare", _prepare), ("train-diffusion", _train_diffusion), ("generate", _generate),
-    ("train", _train), ("evaluate", _evaluate)]
+    ("train", _train), ("calibrate", _calibrate), ("evaluate", _evaluate)]
 
 
 def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
@@ -103,8 +129,9 @@ def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
     return f"{len(out)} stages (results above)"
 
 
-STAGES: dict[str, Stage] = {**dict(PIPELINE), "run": _run, "report": _report, "verify": _verify}
-NEEDS_RAY = {"prepare", "train-diffusion", "generate", "train", "evaluate", "run"}
+STAGES: dict[str, Stage] = {**dict(PIPELINE), "run": _run, "report": _report, "verify": _verify,
+                            "status": _status, "predict": _predict}
+NEEDS_RAY = {"prepare", "train-diffusion", "generate", "train", "calibrate", "evaluate", "run"}
 
 
 def _writer_lock(layout: RunLayout, command: str) -> contextlib.AbstractContextManager:
@@ -137,6 +164,11 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--ood", action="append", default=[],
                         metavar="NAME=PATH[,webdataset][,near]",
                         help="add your own OOD test set (ImageFolder tree by default); repeatable")
+    if stage is None:
+        parser.add_argument("--run", help="predict: the classifier (e.g. softmax-none-s0)")
+        parser.add_argument("--score", help="predict: the score (default detector.score)")
+        parser.add_argument("--out", default="predictions.csv",
+                            help="predict: output rows, .csv or .parquet (default %(default)s)")
     parser.add_argument("rest", nargs="*", metavar="CONFIG_OR_KEY=VALUE",
                         help="the config path (if --config is not given), then dotted "
                              "overrides such as train.epochs=3")
@@ -149,10 +181,23 @@ def _split_rest(config: str | None, rest: list[str]) -> tuple[str, list[str]]:
     return config or "configs/digits.yaml", rest
 
 
+def _split_paths(rest: list[str]) -> tuple[list[str], list[str]]:
+    """predict's positionals: dotted `section.key=value` overrides, everything else a path."""
+    overrides = [r for r in rest if re.match(r"^[A-Za-z_]\w*(\.\w+)+=", r)]
+    return overrides, [r for r in rest if r not in overrides]
+
+
 def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     args = _parser(stage).parse_intermixed_args(argv)
     command = stage or args.command
     config_path, overrides = _split_rest(args.config, args.rest)
+    run = STAGES[command]
+    if command == "predict":
+        from oodscale.predict import PredictRequest
+
+        overrides, paths = _split_paths(overrides)
+        run = functools.partial(run, request=PredictRequest(args.run, args.score, args.out,
+                                                            paths))
     try:
         cfg = load_config(config_path, overrides, args.ood)
     except ConfigError as err:
@@ -163,7 +208,7 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
         with _writer_lock(layout, command):
             if command in NEEDS_RAY:
                 init_ray(cfg, args.address, verbose=args.verbose)
-            _timed(command, STAGES[command], cfg, layout)
+            _timed(command, run, cfg, layout)
     except Exception as err:  # noqa: BLE001 - a named error anywhere in Ray's wrapping of it
         named = named_error(err)
         if named is None:

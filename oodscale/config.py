@@ -73,6 +73,10 @@ class DataConfig(_Section):
     id_classes: list[int] | None = Field(
         None, description="Keep only these classes as ID (open-set split); None = all.")
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Share of the training images held out as the ID validation split "
+                    "(data/id/val; stratified, never trained on); 0 = none.")
     shard_size: int = Field(512, ge=1)
     ood_sets: list[BuiltinOOD] = Field(
         default_factory=lambda: ["textures", "photos", "gaussian", "uniform", "rademacher",
@@ -219,6 +223,14 @@ class EvaluateConfig(_Section):
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
 
 
+class DetectorConfig(_Section):
+    """The yes/no detector (`oodscale predict`, `oodscale.Detector`): its default score and the
+    share of ID validation images its threshold accepts (`oodscale calibrate` sets it)."""
+
+    score: ScoreName = "energy"
+    tpr: float = Field(0.95, gt=0.0, lt=1.0)
+
+
 class TrackingConfig(_Section):
     """Optional MLflow tracking (oodscale.tracking); needs `pip install 'oodscale[mlflow]'`."""
 
@@ -238,6 +250,7 @@ class ExperimentConfig(_Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property

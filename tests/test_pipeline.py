@@ -43,7 +43,9 @@ def test_prepare_wrote_id_and_ood_shards(run_root):
     test = read_manifest(storage, storage.path("digits", "data", "id", "test"))
     assert train.kind == "id" and train.class_names == ["0", "1", "2", "3", "4", "5"]
     assert train.image_size == 16 and train.channels == 1
-    assert train.num_samples + test.num_samples == 1083  # digits 0-5
+    val = read_manifest(storage, storage.path("digits", "data", "id", "val"))
+    assert train.num_samples + val.num_samples + test.num_samples == 1083  # digits 0-5
+    assert val.num_samples == 76 and val.extra["val_fraction"] == 0.1  # 10 % of the 758
     for name in ("openset", "textures", "gaussian"):
         ood = read_manifest(storage, storage.path("digits", "data", "ood", name))
         assert ood.kind == "ood" and ood.num_samples == 40

@@ -39,10 +39,13 @@ def test_imagefolder_tree_becomes_id_shards(tmp_path, ray_cluster):
     train_dir = storage.path("digits", "data", "id", "train")
     manifest = read_manifest(storage, train_dir)
     assert manifest.class_names == ["n01", "n02", "n03"]
-    assert manifest.num_samples == 21 and len(manifest.shards) == 6  # shard_size 4
+    assert manifest.num_samples == 18 and len(manifest.shards) == 5  # shard_size 4
     images, metas = load_arrays(storage, train_dir)
-    assert images.shape == (21, 12, 12, 3)
-    assert sorted(m["label"] for m in metas) == sorted([0] * 7 + [1] * 7 + [2] * 7)
+    assert images.shape == (18, 12, 12, 3)
+    assert sorted(m["label"] for m in metas) == sorted([0] * 6 + [1] * 6 + [2] * 6)
+    # data.val_fraction 0.1 of the 21 training images, stratified: one per class
+    _, val_metas = load_arrays(storage, storage.path("digits", "data", "id", "val"))
+    assert sorted(m["label"] for m in val_metas) == [0, 1, 2]
     test = read_manifest(storage, storage.path("digits", "data", "id", "test"))
     assert test.num_samples == 9
     # Deterministic: preparing again (forced) gives byte-identical shards.

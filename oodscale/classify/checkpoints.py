@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import save_file
 
 from oodscale.classify.models import Activations, OODClassifier, build_classifier
 from oodscale.data.streams import to_model_input
 from oodscale.devices import worker_device
-from oodscale.runtime import open_storage
+from oodscale.runtime import Storage, open_storage
 from oodscale.weights import load_weights
 
 WEIGHTS = "model.safetensors"
@@ -75,3 +76,13 @@ class LoadedClassifier:
         """(logits, embeddings) as float32 on the CPU."""
         logits, embeddings = self.embed_on_device(images)
         return logits.float().cpu(), embeddings.float().cpu()
+
+
+def trained_runs(storage: Storage, classifiers_dir: str) -> list[str]:
+    """Names of the finished classifiers (those with a card) under `classifiers_dir`, sorted:
+    this grid's and any earlier grid's of the same experiment."""
+    if not storage.exists(classifiers_dir):
+        return []
+    infos = storage.fs.get_file_info(pafs.FileSelector(classifiers_dir))
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.Directory and storage.exists(f"{i.path}/{CARD}"))

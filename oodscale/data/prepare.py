@@ -1,4 +1,4 @@
-"""The prepare stage: ID train/test shards and every OOD test set, each with its manifest."""
+"""The prepare stage: ID train/val/test shards and every OOD test set, each with its manifest."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from oodscale.config import ExperimentConfig
 from oodscale.data import builtin
 from oodscale.data.shards import Manifest, try_read_manifest, write_split
 from oodscale.data.sources import prepare_external, prepare_extra_ood
+from oodscale.data.validation import VAL_SPLIT, check_val_fraction, validation_indices
 from oodscale.runtime import RunLayout
 
 
 def _write_id(layout: RunLayout, cfg: ExperimentConfig, split: str, data: builtin.Split) -> None:
     manifest = Manifest(kind="id", split=split, image_size=cfg.data.image_size,
                         channels=cfg.data.channels, class_names=data.class_names,
-                        extra={"source": cfg.data.source, "id_classes": cfg.data.id_classes})
+                        extra={"source": cfg.data.source, "id_classes": cfg.data.id_classes,
+                               "val_fraction": cfg.data.val_fraction})
     metas = [{"label": int(y)} for y in data.labels]
     write_split(layout.storage, layout.id_split(split), split, data.images, metas,
                 cfg.data.shard_size, manifest)
@@ -36,7 +38,13 @@ def _prepare_digits(cfg: ExperimentConfig, layout: RunLayout, force: bool,
     train, test, held = builtin.digits_splits(cfg.data.image_size, cfg.data.channels,
                                               cfg.data.test_fraction, cfg.seed,
                                               cfg.data.id_classes)
-    for split, data in (("train", train), ("test", test)):
+    keep, val = validation_indices(train.labels, cfg.data.val_fraction, cfg.seed)
+    splits = {"train": builtin.Split(train.images[keep], train.labels[keep], train.class_names),
+              VAL_SPLIT: builtin.Split(train.images[val], train.labels[val], train.class_names),
+              "test": test}
+    for split, data in splits.items():
+        if split == VAL_SPLIT and not len(val):
+            continue
         if force or try_read_manifest(layout.storage, layout.id_split(split)) is None:
             _write_id(layout, cfg, split, data)
             written.append(f"id/{split} ({len(data.images)} images)")
@@ -48,6 +56,8 @@ def prepare(cfg: ExperimentConfig, layout: RunLayout, force: bool = False) -> li
 
     Returns the names of the directories written, for the job's summary line.
     """
+    if not force:
+        check_val_fraction(cfg, layout)
     if cfg.data.source == "digits":
         written, held = _prepare_digits(cfg, layout, force)
     else:

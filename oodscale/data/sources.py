@@ -28,6 +28,7 @@ from oodscale.data.shards import (
     write_shard,
     write_split,
 )
+from oodscale.data.validation import VAL_SPLIT, validation_indices
 from oodscale.runtime import RunLayout, Storage, derive_seed, open_storage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
@@ -35,7 +36,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck"]
 
 
-def _image_files(storage: Storage, directory: str) -> list[str]:
+def image_files(storage: Storage, directory: str) -> list[str]:
     """Filesystem paths of every image under `directory`, sorted."""
     infos = storage.fs.get_file_info(pafs.FileSelector(directory, recursive=True))
     return sorted(i.path for i in infos
@@ -54,7 +55,7 @@ def list_imagefolder(root: str) -> tuple[list[str], list[int], list[str]]:
                          f"<root>/<class>/<image> (ImageNet: <root>/train/n01440764/*.JPEG)")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = _image_files(storage, f"{storage.base}/{name}")
+        found = image_files(storage, f"{storage.base}/{name}")
         files += found
         labels += [label] * len(found)
     if not files:
@@ -146,7 +147,8 @@ def _id_manifest(cfg: ExperimentConfig, split: str, classes: list[str]) -> Manif
     return Manifest(kind="id", split=split, image_size=cfg.data.image_size,
                     channels=cfg.data.channels, class_names=classes,
                     extra={"source": cfg.data.source, "path": cfg.data.path,
-                           "id_classes": cfg.data.id_classes})
+                           "id_classes": cfg.data.id_classes,
+                           "val_fraction": cfg.data.val_fraction})
 
 
 def _keep_classes(cfg: ExperimentConfig, labels: list[int], classes: list[str],
@@ -161,22 +163,36 @@ def _keep_classes(cfg: ExperimentConfig, labels: list[int], classes: list[str],
     return mask, remap, [classes[c] for c in keep]
 
 
+def _carve(cfg: ExperimentConfig, split: str, labels: list[int]) -> dict[str, np.ndarray]:
+    """Row indices per output split: the training rows give train and the ID validation split."""
+    if split != "train":
+        return {split: np.arange(len(labels))}
+    keep, val = validation_indices(labels, cfg.data.val_fraction, cfg.seed)
+    return {"train": keep, VAL_SPLIT: val}
+
+
 def prepare_external(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> list[str]:
-    """ID train/test shards from an ImageFolder tree or CIFAR-10's binary batches."""
+    """ID train/val/test shards from an ImageFolder tree or CIFAR-10's binary batches."""
     storage, written = layout.storage, []
     for split, folder in (("train", "train"), ("test", "val")):
-        out_dir = layout.id_split(split)
-        if not force and try_read_manifest(storage, out_dir) is not None:
+        outputs = [split, VAL_SPLIT] if split == "train" and cfg.data.val_fraction else [split]
+        todo = [name for name in outputs
+                if force or try_read_manifest(storage, layout.id_split(name)) is None]
+        if not todo:
             continue
         if cfg.data.source == "cifar10":
             images, labels = read_cifar10_binary(cfg.data.path, split)
             mask, remap, names = _keep_classes(cfg, labels.tolist(), CIFAR10_CLASSES)
-            images = np.stack([resize(im, cfg.data.image_size, cfg.data.channels)
-                               for im in images[mask]])
-            metas = [{"label": remap[int(y)]} for y in labels[mask]]
-            write_split(storage, out_dir, split, images, metas, cfg.data.shard_size,
-                        _id_manifest(cfg, split, names))
-            written.append(f"id/{split} ({len(metas)} images)")
+            images, kept = images[mask], [remap[int(y)] for y in labels[mask]]
+            parts = _carve(cfg, split, kept)
+            for name in todo:
+                rows = parts[name]
+                resized = np.stack([resize(images[i], cfg.data.image_size, cfg.data.channels)
+                                    for i in rows])
+                write_split(storage, layout.id_split(name), name, resized,
+                            [{"label": kept[i]} for i in rows], cfg.data.shard_size,
+                            _id_manifest(cfg, name, names))
+                written.append(f"id/{name} ({len(rows)} images)")
             continue
         root = f"{cfg.data.path.rstrip('/')}/{folder}"
         if folder == "val" and not open_storage(root).exists(open_storage(root).base):
@@ -185,9 +201,13 @@ def prepare_external(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> l
         mask, remap, names = _keep_classes(cfg, labels, classes)
         files = [f for f, m in zip(files, mask, strict=True) if m]
         labels = [remap[y] for y, m in zip(labels, mask, strict=True) if m]
-        shard_files_with_ray(layout, root, out_dir, split, files, labels,
-                             _id_manifest(cfg, split, names), cfg.data.shard_size)
-        written.append(f"id/{split} ({len(files)} images)")
+        parts = _carve(cfg, split, labels)
+        for name in todo:
+            rows = parts[name]
+            shard_files_with_ray(layout, root, layout.id_split(name), name,
+                                 [files[i] for i in rows], [labels[i] for i in rows],
+                                 _id_manifest(cfg, name, names), cfg.data.shard_size)
+            written.append(f"id/{name} ({len(rows)} images)")
     return written
 
 
@@ -206,7 +226,7 @@ def prepare_extra_ood(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> 
             src = open_storage(source.path)
             if not src.exists(src.base):
                 raise FileNotFoundError(f"OOD set {source.name}: {source.path} not found")
-            files = _image_files(src, src.base)
+            files = image_files(src, src.base)
             if not files:
                 raise ValueError(f"OOD set {source.name}: no images under {source.path}")
             shard_files_with_ray(layout, source.path, out_dir, source.name, files,
