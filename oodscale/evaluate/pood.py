@@ -91,8 +91,9 @@ def _detector_module() -> types.ModuleType:
 
     pytorch-ood's package import pulls in torchvision (for its datasets and model zoo), and
     PyPI's torchvision wheel is built against CUDA torch: beside the CPU torch wheel its compiled
-    ops fail to load ("operator torchvision::nms does not exist"). The detectors need neither, so
-    then the detector subpackage is loaded on its own.
+    ops fail to load ("operator torchvision::nms does not exist"), so `make test` installs
+    pytorch-ood without torchvision. The detectors need neither, so where torchvision is missing
+    or broken the detector subpackage is loaded on its own.
     """
     try:
         return importlib.import_module("pytorch_ood.detector")
