@@ -125,6 +125,22 @@ def test_detector_matches_evaluate(experiment):
             assert mine.is_ood.sum() == (reported < detector.threshold).sum(), (name, dataset)
 
 
+@pytest.mark.integration
+def test_detector_keeps_its_tensors_on_the_device(experiment):
+    """Loaded, fitted (kNN) and scoring under the simulated accelerator: a host tensor beside
+    a device one raises there as on a GPU (tests/device_sim.py)."""
+    from oodscale import Detector
+    from tests.device_sim import SimulatedAccelerator
+
+    root, _ = experiment
+    digits = _split(root, "id/test")[:40]
+    plain = Detector.load(root / "digits" / "classifiers" / RUN, score="knn").predict(digits)
+    with SimulatedAccelerator():
+        detector = Detector.load(root / "digits" / "classifiers" / RUN, score="knn")
+        simulated = detector.predict(digits)
+    np.testing.assert_allclose(simulated.score, plain.score, rtol=1e-5)
+
+
 def _images(folder: Path, digits: np.ndarray) -> None:
     """Digits and noise in assorted sizes and modes, some in a subfolder."""
     (folder / "sub").mkdir(parents=True)
