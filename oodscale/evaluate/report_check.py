@@ -101,9 +101,7 @@ async def _inspect(port: int, url: str, screenshot: Path | None, timeout: float)
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-            targets = await resp.json()
-        page = next(t for t in targets if t["type"] == "page")
+        page = await _first_page(session, port, timeout)
         async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
             cdp = _CDP(ws)
             for domain in ("Runtime", "Log", "Page"):
@@ -127,6 +125,19 @@ async def _inspect(port: int, url: str, screenshot: Path | None, timeout: float)
     return problems
 
 
+async def _first_page(session: Any, port: int, timeout: float) -> dict[str, Any]:
+    """The browser's first tab, once DevTools lists it (it may lag the port by a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+            pages = [t for t in await resp.json() if t["type"] == "page"]
+        if pages:
+            return pages[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the browser opened no tab within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+
+
 def check_report(path: str | Path, screenshot: str | Path | None = None,
                  timeout: float = 60.0) -> list[str]:
     """Problems a real browser finds in the HTML file at `path` (empty: none)."""
@@ -135,7 +146,9 @@ def check_report(path: str | Path, screenshot: str | Path | None = None,
         raise FileNotFoundError(f"{page} does not exist; `oodscale report CONFIG` writes it")
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen(
+            # --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers' small /dev/shm
             [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-dev-shm-usage",
              "--disable-extensions", "--remote-debugging-port=0", f"--user-data-dir={profile}",
              "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
