@@ -64,11 +64,11 @@ from oodscale.config import ExperimentConfig, load_config
 from oodscale.data import builtin
 from oodscale.data.shards import decode_png, tar_bytes
 from oodscale.data.sources import decode_image
-from oodscale.diffusion.model import LabelConditionedUNet
+from oodscale.diffusion.model import LabelConditionedUNet, UNetGenerator
 from oodscale.diffusion.sample import make_sampler, sample_images
 from oodscale.diffusion.train import make_scheduler
-from oodscale.diffusion.variants import labelmix_variant
 from oodscale.distributed import make_accelerator
+from oodscale.outliers import generator_sources
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("digits", "cifar10", "imagenet")
@@ -262,7 +262,8 @@ def sample_case(exp: Experiment, batch: int, steps: int, guidance: float, fwd_fl
 
     def run() -> None:
         sampler = make_sampler("ddim", 1000, steps)
-        sample_images(model, y, guidance, sampler, torch.Generator().manual_seed(0))
+        sample_images(UNetGenerator(model, 1000), y, guidance, sampler,
+                      torch.Generator().manual_seed(0))
 
     name = (f"{exp.name} DDIM, w={guidance:g} ({'2 forwards' if mult == 2 else '1 forward'}), "
             f"batch {batch}, {steps} steps")
@@ -444,8 +445,8 @@ def stage_totals(exps: dict[str, Experiment],
                               images * u_train))
         samples = g.num_shards * g.samples_per_shard
         # One generation run per guidance scale the grid's label-mixup variants ask for.
-        variants = (labelmix_variant(o, g.guidance) for o in t.outliers)
-        scales = sorted({v.guidance for v in variants if v is not None} | {g.guidance})
+        scales = sorted({s.guidance for s in generator_sources(t.outliers, g.guidance)}
+                        | {g.guidance})
         forwards = sum(samples * g.steps * (1 if w == 1.0 else 2) for w in scales)
         runs_desc = " + ".join(f"w={w:g}" + (" (2 forwards)" if w != 1.0 else "") for w in scales)
         out.append(StageTotal(name, "generate",
@@ -500,8 +501,8 @@ def cpu_totals(exps: dict[str, Experiment], totals: list[StageTotal],
         out.append(f"| {name} | prepare | {what} | {prep / 3600:.2g} |")
         images = {t.stage: t.work for t in totals if t.experiment == name}
         g = cfg.generate
-        variants = (labelmix_variant(o, g.guidance) for o in cfg.train.outliers)
-        scales = {v.guidance for v in variants if v is not None} | {g.guidance}
+        scales = ({s.guidance for s in generator_sources(cfg.train.outliers, g.guidance)}
+                  | {g.guidance})
         samples = g.num_shards * g.samples_per_shard * len(scales)
         out.append(f"| {name} | generate | {samples:,} PNG/tar writes | "
                    f"{samples * sec[f'write{size}'] / 3600:.2g} |")

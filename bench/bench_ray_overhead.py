@@ -42,7 +42,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from oodscale.classify.outliers import OutlierStream  # noqa: E402
 from oodscale.classify.step import oe_step  # noqa: E402
 from oodscale.classify.train import RunSpec, _card, train_group  # noqa: E402
 from oodscale.config import ExperimentConfig, load_config  # noqa: E402
@@ -56,12 +55,14 @@ from oodscale.data.shards import (  # noqa: E402
 )
 from oodscale.data.streams import read_shards, to_model_input  # noqa: E402
 from oodscale.diffusion.generate import draw_grid, generate_variant  # noqa: E402
-from oodscale.diffusion.model import LabelConditionedUNet, model_hash  # noqa: E402
+from oodscale.diffusion.generators import MODEL_CARD, content_hash  # noqa: E402
+from oodscale.diffusion.model import LabelConditionedUNet  # noqa: E402
 from oodscale.diffusion.sample import ShardSampler  # noqa: E402
-from oodscale.diffusion.train import MODEL_CARD  # noqa: E402
 from oodscale.distributed import make_accelerator  # noqa: E402
+from oodscale.outliers import OutlierStream, synthetic_dirname  # noqa: E402
 from oodscale.runtime import layout_for  # noqa: E402
 
+SYN = synthetic_dirname(3.0)  # the shards of labelmix at the digits config's guidance
 BASE = ["generate.concurrency=1", "generate.cpus_per_actor=1", "generate.grid_per_class=1",
         "train.num_workers=1", "train.cpus_per_worker=1", "train.losses=[arcface]",
         "train.outliers=[labelmix]", "train.seeds=[0]"]
@@ -132,7 +133,7 @@ def write_ddpm(layout, cfg: ExperimentConfig) -> dict:
     unet_dir = Path(layout.diffusion_dir) / "unet"
     model.save_pretrained(unet_dir, safe_serialization=True)
     card = {"num_classes": 6, "class_names": [str(c) for c in range(6)], "image_size": 16,
-            "channels": 1, "timesteps": d.timesteps, "model_hash": model_hash(unet_dir),
+            "channels": 1, "timesteps": d.timesteps, "model_hash": content_hash(unet_dir),
             "epochs": 0, "final_loss": None, "images_per_s": None}
     layout.storage.write_bytes_atomic(f"{layout.diffusion_dir}/{MODEL_CARD}",
                                       json.dumps(card).encode())
@@ -142,17 +143,17 @@ def write_ddpm(layout, cfg: ExperimentConfig) -> dict:
 def plain_generation(cfg: ExperimentConfig, layout, card: dict, out_dir: str) -> None:
     """The generate stage's work without Ray: same sampler class, shards, manifest, grid."""
     gen = cfg.generate
-    sampler = ShardSampler(layout.storage.uri, f"{layout.diffusion_dir}/unet", out_dir,
-                           gen.model_dump(), card["timesteps"], cfg.seed, card["model_hash"],
-                           use_gpu=False)
+    class_map = list(range(card["num_classes"]))
+    sampler = ShardSampler(layout.storage.uri, layout.diffusion_dir, out_dir, gen.model_dump(),
+                           card, class_map, 16, cfg.seed, use_gpu=False)
     manifest = Manifest(kind="synthetic", split="labelmix", image_size=16, channels=1,
                         class_names=card["class_names"])
     for index in range(gen.num_shards):
         row = sampler({"shard": np.array([index])})
         manifest.shards.append(ShardInfo(row["path"][0], row["count"][0], row["sha256"][0]))
         write_manifest(layout.storage, out_dir, manifest)
-    draw_grid(layout.storage.uri, f"{layout.diffusion_dir}/unet", out_dir, gen.model_dump(),
-              card, cfg.seed, use_gpu=False)
+    draw_grid(layout.storage.uri, layout.diffusion_dir, out_dir, gen.model_dump(), card,
+              card["class_names"], class_map, cfg.seed, use_gpu=False)
 
 
 def bench_generation(tmp: Path, rounds: int) -> list[str]:
@@ -163,9 +164,9 @@ def bench_generation(tmp: Path, rounds: int) -> list[str]:
             "generate.batch_size=64"])
         card = write_ddpm(layout, cfg)
         plain.append(timed(partial(plain_generation, cfg, layout, card, str(tmp / f"plain{r}"))))
-        ray_times.append(timed(partial(generate_variant, cfg, layout, "synthetic")))
+        ray_times.append(timed(partial(generate_variant, cfg, layout, SYN)))
         same &= bool((load_arrays(layout.storage, str(tmp / f"plain{r}"))[0]
-                      == load_arrays(layout.storage, layout.synthetic_dir)[0]).all())
+                      == load_arrays(layout.storage, layout.synthetic_variant(SYN))[0]).all())
     p, r_ = statistics.median(plain), statistics.median(ray_times)
     n = cfg.generate.num_shards * cfg.generate.samples_per_shard
     return [f"| (a) generate, {n} samples (12 shards x 64, DDIM 20, w = 3) + grid, median of "
@@ -216,15 +217,16 @@ def bench_training(tmp: Path, rounds: int) -> list[str]:
             "generate.steps=2"])
         manifest = write_id_shards(layout, 1, np.random.default_rng(0))
         write_ddpm(layout, cfg)
-        generate_variant(cfg, layout, "synthetic")
+        generate_variant(cfg, layout, SYN)
         torch.set_num_threads(1)
         steps = manifest.num_samples // cfg.train.batch_size
-        plain_rates.append(plain_training(cfg, manifest, layout.synthetic_dir, layout, steps))
+        plain_rates.append(plain_training(cfg, manifest, layout.synthetic_variant(SYN), layout,
+                                          steps))
         id_data, _ = read_shards(layout.storage, layout.id_split("train"))
-        syn = read_shards(layout.storage, layout.synthetic_dir)
+        syn = read_shards(layout.storage, layout.synthetic_variant(SYN))
         spec = RunSpec("arcface", "labelmix", 0)
         walls.append(timed(partial(train_group, cfg, layout, [spec], id_data, manifest,
-                                   {"synthetic": syn}, "bench")))
+                                   {SYN: syn}, "bench")))
         card = json.loads(layout.storage.read_bytes(
             f"{layout.classifier_dir(spec.name)}/classifier.json"))
         ray_rates.append(card["train"]["images_per_s"])
@@ -253,7 +255,7 @@ def bench_memory(tmp: Path) -> list[str]:
         card = write_ddpm(layout, cfg)
         del card
         with PeakRSS() as rss:
-            generate_variant(cfg, layout, "synthetic")
+            generate_variant(cfg, layout, SYN)
         peaks[samples] = rss.peak
     rows.append(f"| (c) peak RSS, generate 1k vs 10k samples (every process of the local Ray) | "
                 f"{peaks[1_000] / 2**20:,.0f} MiB | {peaks[10_000] / 2**20:,.0f} MiB | "

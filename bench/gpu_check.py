@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +44,16 @@ sys.path.insert(0, str(ROOT))
 from oodscale.classify.losses import LOSS_NAMES  # noqa: E402
 from oodscale.classify.models import build_classifier  # noqa: E402
 from oodscale.classify.step import oe_step  # noqa: E402
-from oodscale.config import load_config  # noqa: E402
-from oodscale.diffusion.model import LabelConditionedUNet  # noqa: E402
-from oodscale.diffusion.sample import make_sampler, sample_images, sampling_autocast  # noqa: E402
+from oodscale.config import GenerateConfig, load_config  # noqa: E402
+from oodscale.diffusion.classmap import to_generator_labels  # noqa: E402
+from oodscale.diffusion.mixup import mixup_labels  # noqa: E402
+from oodscale.diffusion.model import LabelConditionedUNet, UNetGenerator  # noqa: E402
+from oodscale.diffusion.sample import (  # noqa: E402
+    make_sampler,
+    sample_images,
+    sampling_autocast,
+    scheduler_for,
+)
 from oodscale.diffusion.train import make_scheduler  # noqa: E402
 from oodscale.distributed import make_accelerator  # noqa: E402
 from oodscale.evaluate.detectors import SCORE_NAMES, compute_scores, fit_features  # noqa: E402
@@ -176,12 +184,77 @@ def sampling_case(name: str, guidance: float, timed_steps: int, sampler: str = "
 
     def run() -> None:
         with sampling_autocast(device):
-            sample_images(model, labels, guidance, make_sampler(sampler, 1000, timed_steps),
-                          generator, device)
+            sample_images(UNetGenerator(model, 1000), labels, guidance,
+                          make_sampler(sampler, 1000, timed_steps), generator, device)
 
     per_step_images = synced_rate(run, batch * timed_steps, warmup=1, max_iters=3)
     return Row(f"sampling: {name} UNet", f"{sampler}, guidance {guidance:g}, batch {batch}, "
                "bf16", f"{per_step_images / total_steps:,.1f} samples/s at {total_steps} steps")
+
+
+def dit_xl2(smoke: bool):
+    """Random weights of DiT-XL/2 at 256x256 (latent 4x32x32, 28 blocks of width 1152, 1000
+    classes + null) and the SD VAE's shape; a miniature of both under --smoke."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    from oodscale.diffusion.dit import DiTGenerator
+
+    heads, dim, layers, latent = (2, 8, 1, 4) if smoke else (16, 72, 28, 32)
+    vae_widths = (8, 8) if smoke else (128, 256, 512, 512)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=dim, in_channels=4, out_channels=8,
+        num_layers=layers, sample_size=latent, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_widths,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_widths),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_widths),
+        layers_per_block=1 if smoke else 2, norm_num_groups=8 if smoke else 32)
+    return DiTGenerator(transformer, vae)
+
+
+def dit_sampling_case(batch: int = 64, guidance: float = 4.0,
+                      total_steps: int = DDIM_STEPS) -> Row:
+    """What one generate actor does for ImageNet-scale label-mixup: guided DiT-XL/2 steps on
+    soft labels (bf16 autocast) plus the VAE decode, as images/s at `total_steps` steps."""
+    model = dit_xl2(RUN.smoke).to(RUN.device)
+    batch, device = RUN.batch(batch), RUN.device
+    pairs = np.arange(batch) % 200
+    labels = to_generator_labels(mixup_labels(pairs, (pairs + 1) % 200, np.full(batch, 0.5), 200),
+                                 list(range(0, 1000, 5)), 1000)
+    gen = GenerateConfig(generator="dit", pretrained="random", guidance=guidance, steps=1)
+    generator = torch.Generator().manual_seed(0)
+
+    def one_step() -> None:
+        with sampling_autocast(device):
+            sample_images(_NoDecode(model), labels, guidance, scheduler_for(model, gen),
+                          generator, device)
+
+    latents = torch.randn(batch, *model.latent_shape, device=device)
+
+    def decode() -> None:
+        with sampling_autocast(device), torch.no_grad():
+            model.decode(latents)
+
+    step_s = 1.0 / synced_rate(one_step, 1, warmup=1, max_iters=5)
+    decode_s = 1.0 / synced_rate(decode, 1, warmup=1, max_iters=5)
+    rate = batch / (total_steps * step_s + decode_s)
+    what = "miniature (smoke)" if RUN.smoke else "256x256, random weights"
+    return Row("sampling: DiT-XL/2 + VAE decode", f"{what}, ddim, guidance {guidance:g}, batch "
+               f"{batch}, bf16", f"{rate:,.1f} images/s at {total_steps} steps "
+               f"({1000 * step_s:.0f} ms/step, decode {1000 * decode_s:.0f} ms)")
+
+
+class _NoDecode:
+    """The generator with decoding left out, so a timed denoising step is only that."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def decode(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample
 
 
 def ddpm_train_case(name: str, batch: int) -> Row:
@@ -267,6 +340,7 @@ def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
         ("sampling cifar10", lambda: sampling_case("cifar10", 3.0, 5)),
         ("sampling imagenet", lambda: sampling_case("imagenet", 3.0, 3)),
         ("sampling cifar10 dpmsolver", lambda: sampling_case("cifar10", 3.0, 5, "dpmsolver", 20)),
+        ("sampling DiT-XL/2", dit_sampling_case),
         ("ddpm train cifar10", lambda: ddpm_train_case("cifar10", 128)),
         ("oe wrn40_2", lambda: oe_case("wrn40_2", 32, 3, 10, cifar.embedding_dim,
                                        cifar.batch_size, cifar.outlier_batch_size)),

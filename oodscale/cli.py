@@ -19,7 +19,9 @@ from typing import Any
 
 from oodscale import tracking
 from oodscale.config import ConfigError, ExperimentConfig, load_config
+from oodscale.diffusion.generators import GENERATORS
 from oodscale.errors import named_error
+from oodscale.outliers import generator_sources, synthetic_dirname
 from oodscale.runtime import RunLayout, init_ray, layout_for
 
 Stage = Callable[[ExperimentConfig, RunLayout], str]
@@ -35,6 +37,9 @@ def _prepare(cfg: ExperimentConfig, layout: RunLayout) -> str:
 def _train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> str:
     from oodscale.diffusion.train import train_diffusion
 
+    if not GENERATORS[cfg.generate.generator].trained_here:
+        return (f"nothing to train: generate.generator={cfg.generate.generator} uses the "
+                f"pretrained weights {cfg.generate.pretrained}")
     card = train_diffusion(cfg, layout)
     return (f"DDPM at {layout.storage.uri_of(layout.diffusion_dir)} (final loss "
             f"{card['final_loss']:.4f}, model {card['model_hash']})")
@@ -46,10 +51,10 @@ def _generate(cfg: ExperimentConfig, layout: RunLayout) -> str:
     manifests = generate(cfg, layout)
     tracking.log_metrics({"synthetic_samples": sum(m.num_samples for m in manifests),
                           "synthetic_shards": sum(len(m.shards) for m in manifests)})
-    uri = layout.storage.uri_of(layout.synthetic_dir)
+    uri = layout.storage.uri_of(layout.synthetic_variant(synthetic_dirname(cfg.generate.guidance)))
     return (f"{sum(m.num_samples for m in manifests)} synthetic outliers in "
             f"{sum(len(m.shards) for m in manifests)} shards ({len(manifests)} guidance "
-            f"setting(s)) under {uri}*; sample grid {uri}/grid.png")
+            f"setting(s)) under {uri.rsplit('-w', 1)[0]}-w*; sample grid {uri}/grid.png")
 
 
 def _train(cfg: ExperimentConfig, layout: RunLayout) -> str:
@@ -86,8 +91,9 @@ def _verify(cfg: ExperimentConfig, layout: RunLayout) -> str:
     dirs = [layout.id_split("train"), layout.id_split("test"),
             *([layout.id_split("val")] if layout.storage.exists(layout.id_split("val")) else []),
             *(layout.ood_set(n) for n in cfg.data.ood_sets)]
-    if layout.storage.exists(layout.synthetic_dir):
-        dirs.append(layout.synthetic_dir)
+    for source in generator_sources(cfg.train.outliers, cfg.generate.guidance):
+        if layout.storage.exists(layout.synthetic_variant(source.dirname)):
+            dirs.append(layout.synthetic_variant(source.dirname))
     counts = [verify_shards(layout.storage, d).num_samples for d in dirs]
     return f"{len(dirs)} shard sets, {sum(counts)} samples: every checksum matches"
 
@@ -120,11 +126,13 @@ PIPELINE: list[tuple[str, Stage]] = [
 
 
 def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
-    needs_ddpm = any(name.startswith("labelmix") for name in cfg.train.outliers)
+    needs_generator = bool(generator_sources(cfg.train.outliers, cfg.generate.guidance))
     out = []
     for name, stage in PIPELINE:
-        if name in ("train-diffusion", "generate") and not needs_ddpm:
+        if name in ("train-diffusion", "generate") and not needs_generator:
             continue
+        if name == "train-diffusion" and not GENERATORS[cfg.generate.generator].trained_here:
+            continue  # a pretrained generator
         out.append(_timed(name, stage, cfg, layout))
     return f"{len(out)} stages (results above)"
 

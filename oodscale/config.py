@@ -17,11 +17,20 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-LossName = Literal["softmax", "arcface", "cosface", "sphereface", "adacos", "normsoftmax"]
+
+def _known_loss(name: str) -> str:
+    from oodscale.classify.losses import check_loss_options  # the loss table
+
+    check_loss_options(name)
+    return name
+
+
+LossName = Annotated[str, AfterValidator(_known_loss)]  # checked against classify.losses.LOSSES
 
 
 def _known_score(name: str) -> str:
@@ -151,6 +160,18 @@ class LambdaConfig(_Section):
 
 
 class GenerateConfig(_Section):
+    generator: str = Field("ddpm", description="ddpm (trained by train-diffusion) or dit (a "
+                                               "pretrained DiT + VAE); see "
+                                               "oodscale/diffusion/generators.py")
+    pretrained: str | None = Field(
+        None, description="A pretrained generator's weights: a local directory in diffusers' "
+                          "save_pretrained layout (transformer/, vae/) or a hub id.")
+    class_list: str | None = Field(
+        None, description="File of the generator's class names in index order, one per line "
+                          "(first word; ImageNet: LOC_synset_mapping.txt gives the wnids); "
+                          "None = the pipeline's id2label. ID classes map to these by name.")
+    image_format: Literal["png", "jpg"] = "png"
+    jpeg_quality: int = Field(90, ge=1, le=100)
     num_shards: int = Field(4, ge=1)
     samples_per_shard: int = Field(256, ge=1)
     lam: LambdaConfig = Field(default_factory=LambdaConfig)
@@ -168,14 +189,25 @@ class GenerateConfig(_Section):
         0.9, gt=0.0, le=1.0,
         description="-filtered variants drop samples a plain ID classifier gives MSP > tau.")
 
-    @field_validator("sampler")
+    @field_validator("sampler", "generator")
     @classmethod
-    def _known_sampler(cls, v: str) -> str:
+    def _in_table(cls, v: str, info: ValidationInfo) -> str:
+        from oodscale.diffusion.generators import GENERATORS
         from oodscale.diffusion.samplers import SAMPLERS
 
-        if v not in SAMPLERS:
-            raise ValueError(f"unknown sampler {v!r}; valid: {', '.join(SAMPLERS)}")
+        table = {"sampler": SAMPLERS, "generator": GENERATORS}[info.field_name]
+        if v not in table:
+            raise ValueError(f"unknown {info.field_name} {v!r}; valid: {', '.join(table)}")
         return v
+
+    @model_validator(mode="after")
+    def _weights_given(self) -> GenerateConfig:
+        from oodscale.diffusion.generators import GENERATORS
+
+        if not GENERATORS[self.generator].trained_here and not self.pretrained:
+            raise ValueError(f"generate.generator={self.generator} is pretrained: set "
+                             f"generate.pretrained to its directory or hub id")
+        return self
 
 
 class TrainConfig(WorkerConfig):
@@ -198,6 +230,16 @@ class TrainConfig(WorkerConfig):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     lambda_oe: float = Field(0.5, ge=0.0)
+    init_checkpoint: str | None = Field(
+        None, description="A local torchvision ResNet checkpoint (safetensors, or a weights-only "
+                          "torch file) to fine-tune from; resnet18/resnet50 above 64x64 only.")
+
+    @model_validator(mode="after")
+    def _init_fits(self) -> TrainConfig:
+        if self.init_checkpoint and self.backbone not in ("resnet18", "resnet50"):
+            raise ValueError(f"train.init_checkpoint loads torchvision ResNets; "
+                             f"train.backbone={self.backbone} is not one (resnet18, resnet50)")
+        return self
 
     @field_validator("losses", "outliers", "seeds")
     @classmethod
@@ -209,9 +251,18 @@ class TrainConfig(WorkerConfig):
     @field_validator("outliers")
     @classmethod
     def _known_sources(cls, v: list[str]) -> list[str]:
-        from oodscale.diffusion.variants import check_source_name
+        from oodscale.outliers import check_source_name  # the outlier-source table
 
         return [check_source_name(name) for name in v]
+
+    @field_validator("head_options")
+    @classmethod
+    def _known_head_options(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        from oodscale.classify.losses import check_loss_options
+
+        for name, options in v.items():
+            check_loss_options(name, options)
+        return v
 
 
 class EvaluateConfig(_Section):

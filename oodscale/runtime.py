@@ -118,12 +118,9 @@ class RunLayout:
     def diffusion_dir(self) -> str:
         return self._p("diffusion")
 
-    @property
-    def synthetic_dir(self) -> str:
-        return self._p("synthetic")
-
     def synthetic_variant(self, dirname: str) -> str:
-        """`synthetic` for the config's own label-mixup run, `synthetic-w1[-filtered]` etc."""
+        """A generator source's shards: `synthetic-w3`, `synthetic-w1-filtered` (names from
+        oodscale.outliers, by the source's own guidance)."""
         return self._p(dirname)
 
     def classifier_dir(self, run: str) -> str:

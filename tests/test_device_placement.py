@@ -20,13 +20,13 @@ import oodscale.diffusion.train as diffusion_train
 from oodscale.classify.checkpoints import CARD, LoadedClassifier
 from oodscale.classify.losses import LOSS_NAMES
 from oodscale.classify.models import build_classifier
-from oodscale.classify.outliers import OutlierStream
 from oodscale.classify.step import oe_step
 from oodscale.cli import main
 from oodscale.config import load_config
 from oodscale.data.shards import read_manifest
 from oodscale.data.streams import endless_batches, read_shards, to_model_input
 from oodscale.distributed import make_accelerator
+from oodscale.outliers import OutlierStream, synthetic_dirname
 from oodscale.runtime import layout_for
 from tests.device_sim import SimulatedAccelerator
 
@@ -110,7 +110,8 @@ def test_one_oe_step_of_every_source_keeps_every_tensor_on_the_device(sim_run, s
     cfg, layout = sim_run
     device = torch.device("cpu")
     id_data, manifest = read_shards(layout.storage, layout.id_split("train"))
-    syn_data, _ = read_shards(layout.storage, layout.synthetic_dir)
+    syn_data, _ = read_shards(layout.storage, layout.synthetic_variant(
+        synthetic_dirname(cfg.generate.guidance)))
     with SimulatedAccelerator() as sim:
         accelerator = make_accelerator("no", use_gpu=False)
         model = build_classifier("smallcnn", "arcface", 1, 16, len(manifest.class_names), 8)
@@ -149,22 +150,26 @@ def test_one_oe_step_of_every_loss_head_keeps_every_tensor_on_the_device(sim_run
 
 
 def test_sampling_and_the_grid_run_on_the_simulated_device(sim_run, tmp_path):
-    from oodscale.diffusion.generate import draw_grid, read_model_card
+    from oodscale.diffusion.generate import draw_grid
+    from oodscale.diffusion.generators import model_card
     from oodscale.diffusion.sample import ShardSampler
 
     cfg, layout = sim_run
-    card = read_model_card(layout)
+    card = model_card(cfg, layout)
     storage = layout.storage
+    class_map = list(range(card["num_classes"]))
     with SimulatedAccelerator():
-        sampler = ShardSampler(storage.uri, f"{layout.diffusion_dir}/unet", str(tmp_path),
-                               cfg.generate.model_dump(), card["timesteps"], cfg.seed,
-                               card["model_hash"], use_gpu=False)
+        sampler = ShardSampler(storage.uri, layout.diffusion_dir, str(tmp_path),
+                               cfg.generate.model_dump(), card, class_map,
+                               cfg.data.image_size, cfg.seed, use_gpu=False)
         out = sampler({"shard": np.array([0])})
-        grid = draw_grid(storage.uri, f"{layout.diffusion_dir}/unet", str(tmp_path),
-                         cfg.generate.model_dump(), card, cfg.seed, use_gpu=False)
+        grid = draw_grid(storage.uri, layout.diffusion_dir, str(tmp_path),
+                         cfg.generate.model_dump(), card, card["class_names"], class_map,
+                         cfg.seed, use_gpu=False)
     assert out["count"] == [cfg.generate.samples_per_shard]
     # The same shard as the real generate stage drew: placement changes nothing else.
-    assert out["sha256"][0] == read_manifest(storage, layout.synthetic_dir).shards[0].sha256
+    assert out["sha256"][0] == read_manifest(storage, layout.synthetic_variant(
+        synthetic_dirname(cfg.generate.guidance))).shards[0].sha256
     assert Path(grid).stat().st_size > 500
 
 

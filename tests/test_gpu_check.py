@@ -53,6 +53,7 @@ def test_smoke_runs_every_timing_case_on_the_cpu(gpu_check, tmp_path):
     table = out.read_text()
     assert "FAILED" not in table and "skipped" not in table
     for case in ("sampling: cifar10 UNet", "sampling: imagenet UNet", "DDPM train step",
+                 "sampling: DiT-XL/2 + VAE decode",
                  "wrn40_2@32, arcface", "resnet50@64, arcface", "resnet50@224, arcface",
                  "evaluate forward", "kNN + Mahalanobis"):
         assert case in table, case

@@ -100,12 +100,13 @@ def _submit(address: str, env: dict, script: str, args: list[str]) -> str:
 
 def _untrained_ddpm(root: Path) -> None:
     """A tiny saved DDPM so the generate job has a model to load (training is tested elsewhere)."""
-    from oodscale.diffusion.model import LabelConditionedUNet, model_hash
+    from oodscale.diffusion.generators import content_hash
+    from oodscale.diffusion.model import LabelConditionedUNet
 
     unet_dir = root / "digits" / "diffusion" / "unet"
     LabelConditionedUNet(6, 16, 1, (8, 8), 1).save_pretrained(unet_dir)
     card = {"num_classes": 6, "class_names": [str(i) for i in range(6)], "image_size": 16,
-            "channels": 1, "timesteps": 1000, "model_hash": model_hash(unet_dir),
+            "channels": 1, "timesteps": 1000, "model_hash": content_hash(unet_dir),
             "final_loss": None, "epochs": 0}
     (root / "digits" / "diffusion" / "model.json").write_text(json.dumps(card))
 
@@ -123,9 +124,9 @@ def test_prepare_and_generate_via_ray_job_submit(ray_head, tmp_path):
     _untrained_ddpm(root)
     out = _submit(address, env, "generate.py", args)
     assert "generate done" in out
-    syn = read_manifest(storage, storage.path("digits", "synthetic"))
+    syn = read_manifest(storage, storage.path("digits", "synthetic-w3"))
     assert syn.num_samples == 8 and len(syn.shards) == 2
-    assert (root / "digits" / "synthetic" / "grid.png").is_file()
+    assert (root / "digits" / "synthetic-w3" / "grid.png").is_file()
 
 
 def _run_job(script: str, args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -4,20 +4,41 @@ import numpy as np
 import pytest
 import torch
 
-from oodscale.classify.outliers import OutlierStream, noise_outliers, pixelmix_outliers
 from oodscale.config import ConfigError, load_config
 from oodscale.diffusion.mixup import distinct_pairs
-from oodscale.diffusion.variants import LabelmixVariant, check_source_name, labelmix_variant
+from oodscale.outliers import (
+    OutlierSource,
+    OutlierStream,
+    check_source_name,
+    generator_sources,
+    noise_outliers,
+    parse_source,
+    pixelmix_outliers,
+)
 from tests.test_config import DIGITS
 
 
-def test_variant_names_map_to_directories():
-    assert labelmix_variant("labelmix", 3.0) == LabelmixVariant(3.0, False)
-    assert labelmix_variant("labelmix-w1", 3.0).dirname(3.0) == "synthetic-w1"
-    assert labelmix_variant("labelmix-filtered", 3.0).dirname(3.0) == "synthetic-filtered"
-    assert labelmix_variant("labelmix-w1.5-filtered", 3.0).dirname(3.0) == "synthetic-w1.5-filtered"
-    assert labelmix_variant("labelmix-w3", 3.0).dirname(3.0) == "synthetic"
-    assert labelmix_variant("noise", 3.0) is None
+def test_source_names_map_to_absolute_directories():
+    assert parse_source("labelmix", 3.0) == OutlierSource("labelmix", 3.0, False)
+    assert parse_source("labelmix", 3.0).dirname == "synthetic-w3"
+    assert parse_source("labelmix-w1", 3.0).dirname == "synthetic-w1"
+    assert parse_source("labelmix-filtered", 3.0).dirname == "synthetic-w3-filtered"
+    assert parse_source("labelmix-w1.5-filtered", 3.0).dirname == "synthetic-w1.5-filtered"
+    # the same shards whether named by the default or explicitly: one directory, not two
+    assert parse_source("labelmix-w3", 3.0) == parse_source("labelmix", 3.0)
+    # a directory name does not move when the default guidance changes
+    assert parse_source("labelmix-w1", 5.0).dirname == "synthetic-w1"
+    noise = parse_source("noise", 3.0)
+    assert not noise.needs_generator and parse_source("labelmix", 3.0).needs_generator
+    with pytest.raises(ValueError, match="no shards"):
+        _ = noise.dirname
+
+
+def test_generator_sources_are_distinct_with_the_default_first():
+    found = generator_sources(["none", "labelmix-w1", "labelmix", "labelmix-w3-filtered",
+                               "labelmix-w3", "noise"], 3.0)
+    assert [s.dirname for s in found] == ["synthetic-w3", "synthetic-w3-filtered",
+                                          "synthetic-w1"]
 
 
 def test_unknown_source_is_a_config_error_listing_valid_ones():
@@ -61,7 +82,7 @@ def test_pixelmix_partners_are_uniform_over_other_class_rows():
 
 
 def test_pixelmix_source_refuses_one_class_data():
-    with pytest.raises(ValueError, match="two classes"):
+    with pytest.raises(ValueError, match="2 different classes"):
         OutlierStream("pixelmix", 4, 1, 0, "cpu")
 
 

@@ -63,10 +63,10 @@ def test_diffusion_saved_with_safetensors(run_root):
 def test_generate_wrote_provenance_and_grid(run_root):
     root, overrides = run_root
     storage = open_storage(str(root))
-    syn_dir = storage.path("digits", "synthetic")
+    syn_dir = storage.path("digits", "synthetic-w3")
     manifest = read_manifest(storage, syn_dir)
     assert manifest.kind == "synthetic" and manifest.num_samples == 36
-    assert (root / "digits" / "synthetic" / "grid.png").stat().st_size > 1000
+    assert (root / "digits" / "synthetic-w3" / "grid.png").stat().st_size > 1000
     from oodscale.data.shards import load_arrays
 
     images, metas = load_arrays(storage, syn_dir)
@@ -77,7 +77,7 @@ def test_generate_wrote_provenance_and_grid(run_root):
 
     # Resume: drop the last shard and rerun; it is redrawn bit-identically from its seed alone.
     last = manifest.shards[-1]
-    (root / "digits" / "synthetic" / last.path).unlink()
+    (root / "digits" / "synthetic-w3" / last.path).unlink()
     manifest.shards = manifest.shards[:-1]
     from oodscale.data.shards import write_manifest
 
@@ -121,7 +121,7 @@ def test_evaluate_wrote_scores_results_and_report(run_root):
 def test_ambiguity_filter_keeps_unsure_samples_with_their_score(run_root):
     root, _ = run_root
     storage = open_storage(str(root))
-    filtered_dir = storage.path("digits", "synthetic-filtered")
+    filtered_dir = storage.path("digits", "synthetic-w3-filtered")
     manifest = read_manifest(storage, filtered_dir)
     assert manifest.extra["total"] == 36
     assert 0 < manifest.extra["kept"] <= 36

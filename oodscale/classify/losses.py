@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
-
-LOSS_NAMES = ("softmax", "arcface", "cosface", "sphereface", "adacos", "normsoftmax")
-
-# Options a config may pass to each pml constructor; anything else is a typo or would change
-# what the head computes (e.g. its distance), so it is refused.
-_PML_LOSSES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
-    "arcface": (pml_losses.ArcFaceLoss, ("margin", "scale")),
-    "cosface": (pml_losses.CosFaceLoss, ("margin", "scale")),
-    "sphereface": (pml_losses.SphereFaceLoss, ("margin", "scale")),
-    "normsoftmax": (pml_losses.NormalizedSoftmaxLoss, ("temperature",)),
-}
 
 
 class ClassifierHead(nn.Module, abc.ABC):
@@ -143,26 +134,50 @@ class AdaCosHead(ClassifierHead):
         return self.weight
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """One row of the loss table: how to build its head, and the options a config may pass
+    (anything else is a typo or would change what the head computes, e.g. its distance)."""
+
+    build: Callable[[int, int, dict[str, Any]], ClassifierHead]
+    options: tuple[str, ...] = ()
+
+
+def _pml(loss_cls: type[nn.Module]) -> Callable[[int, int, dict[str, Any]], ClassifierHead]:
+    return lambda dim, classes, options: MetricLossHead(
+        loss_cls(num_classes=classes, embedding_size=dim, **options))
+
+
+# The loss heads `train.losses` may name; the config validates against this table. Adding a
+# loss: its head class (if pml has none) and one row here.
+LOSSES: dict[str, LossSpec] = {
+    "softmax": LossSpec(lambda dim, classes, _: SoftmaxHead(dim, classes)),
+    "arcface": LossSpec(_pml(pml_losses.ArcFaceLoss), ("margin", "scale")),
+    "cosface": LossSpec(_pml(pml_losses.CosFaceLoss), ("margin", "scale")),
+    "sphereface": LossSpec(_pml(pml_losses.SphereFaceLoss), ("margin", "scale")),
+    "adacos": LossSpec(lambda dim, classes, _: AdaCosHead(dim, classes)),
+    "normsoftmax": LossSpec(_pml(pml_losses.NormalizedSoftmaxLoss), ("temperature",)),
+}
+LOSS_NAMES = tuple(LOSSES)  # the table's keys, in its order (tests parametrize over them)
+
+
+def check_loss_options(name: str, options: dict[str, Any] | None = None) -> None:
+    """Refuse an unknown loss or an option its head does not take, listing the valid ones."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+    allowed = LOSSES[name].options
+    unknown = sorted(set(options or {}) - set(allowed))
+    if unknown:
+        valid = ", ".join(allowed) if allowed else "none"
+        raise ValueError(f"unknown option(s) {unknown} for loss {name!r}; valid options: {valid}")
+
+
 def build_head(
     name: str, embedding_dim: int, num_classes: int, options: dict[str, Any] | None = None
 ) -> ClassifierHead:
     """Head for a loss name; `options` go to the pml constructor (margin, scale, temperature)."""
-    options = dict(options or {})
-    if name not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
-    allowed = _PML_LOSSES[name][1] if name in _PML_LOSSES else ()
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        valid = ", ".join(allowed) if allowed else "none"
-        raise ValueError(f"unknown option(s) {unknown} for loss {name!r}; valid options: {valid}")
-    if name == "softmax":
-        return SoftmaxHead(embedding_dim, num_classes)
-    if name == "adacos":
-        return AdaCosHead(embedding_dim, num_classes)
-    loss_cls = _PML_LOSSES[name][0]
-    return MetricLossHead(
-        loss_cls(num_classes=num_classes, embedding_size=embedding_dim, **options)
-    )
+    check_loss_options(name, options)
+    return LOSSES[name].build(embedding_dim, num_classes, dict(options or {}))
 
 
 def kl_to_uniform(logits: Tensor) -> Tensor:

@@ -25,12 +25,11 @@ import torch
 from oodscale import tracking
 from oodscale.classify.ambiguity import filter_synthetic
 from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
-from oodscale.classify.outliers import OutlierStream
+from oodscale.classify.pretrained import init_from_torchvision
 from oodscale.classify.step import STEP_FIGURES, oe_step
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
 from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
-from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
 from oodscale.distributed import (
     make_worker_accelerator,
     prepare,
@@ -39,6 +38,7 @@ from oodscale.distributed import (
     resumed_state,
     run_trainer,
 )
+from oodscale.outliers import OutlierSource, OutlierStream, generator_sources, parse_source
 from oodscale.progress import epoch_progress
 from oodscale.runtime import (
     RunLayout,
@@ -77,7 +77,7 @@ def _card(cfg: ExperimentConfig, spec: RunSpec, manifest: Manifest) -> dict[str,
             "head_options": t.head_options.get(spec.loss, {}),
             "num_classes": len(manifest.class_names), "class_names": manifest.class_names,
             "image_size": manifest.image_size, "channels": manifest.channels,
-            "lambda_oe": t.lambda_oe, "epochs": t.epochs}
+            "lambda_oe": t.lambda_oe, "epochs": t.epochs, "init_checkpoint": t.init_checkpoint}
 
 
 @dataclass
@@ -131,6 +131,8 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
     rank = ray.train.get_context().get_world_rank()
     seed_everything(derive_seed(card["seed"], card["run"], "init"))  # same init on every rank
     model = classifier_from_card(card)
+    if t.init_checkpoint and resume is None:
+        init_from_torchvision(model.backbone, t.init_checkpoint)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     steps = config["steps_per_epoch"]
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -197,12 +199,11 @@ def train_group(cfg: ExperimentConfig, layout: RunLayout, specs: list[RunSpec], 
     t = cfg.train
     steps = t.steps_per_epoch or steps_per_epoch(manifest.num_samples, t.batch_size,
                                                  t.num_workers)
-    default = cfg.generate.guidance
     outlier_data = {}
     for spec in specs:
-        variant = labelmix_variant(spec.outliers, default)
-        if variant is not None:
-            outlier_data[spec.name] = f"outliers:{variant.dirname(default)}"
+        source = parse_source(spec.outliers, cfg.generate.guidance)
+        if source.needs_generator:
+            outlier_data[spec.name] = f"outliers:{source.dirname}"
     datasets = {"id": id_data}
     cached = {"id": rows_fit_in_cache(manifest, t.num_workers, t.cache_mb)}
     for key in sorted(set(outlier_data.values())):
@@ -218,16 +219,15 @@ def train_group(cfg: ExperimentConfig, layout: RunLayout, specs: list[RunSpec], 
         datasets, t, layout, name=name)
 
 
-def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, variant: LabelmixVariant,
+def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, source: OutlierSource,
                   manifest: Manifest, plain: str | None) -> tuple[Any, Manifest]:
-    """The Ray Dataset and manifest of a label-mixup variant, filtered first if it asks for
-    that (by the finished plain classifier `plain`)."""
-    default = cfg.generate.guidance
-    directory = layout.synthetic_variant(variant.dirname(default))
-    if variant.filtered:
+    """The Ray Dataset and manifest of a generator source's shards, filtered first if it asks
+    for that (by the finished plain classifier `plain`)."""
+    directory = layout.synthetic_variant(source.dirname)
+    if source.filtered:
         gen = cfg.generate
         filtered = filter_synthetic(
-            layout, layout.synthetic_variant(variant.unfiltered.dirname(default)), directory,
+            layout, layout.synthetic_variant(source.unfiltered.dirname), directory,
             plain, gen.filter_tau, gen.concurrency, gen.cpus_per_actor,
             resolve_use_gpu(gen.use_gpu))
         print(f"[oodscale] ambiguity filter (tau {gen.filter_tau}) kept {filtered.extra['kept']}"
@@ -256,7 +256,7 @@ def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str
         return storage.exists(f"{layout.classifier_dir(spec.name)}/{CARD}")
 
     pending = [s for s in grid(cfg) if not finished(s)]
-    filtered = [s for s in pending if s.outliers.endswith("-filtered")]
+    filtered = [s for s in pending if parse_source(s.outliers, default).filtered]
     first = [s for s in pending if s not in filtered]
     plain = RunSpec("softmax", "none", cfg.train.seeds[0])
     if filtered and not finished(plain) and plain not in first:
@@ -268,10 +268,9 @@ def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str
                             (filtered, f"{cfg.name}-classifiers-filtered")):
             if not group:
                 continue
-            variants = {labelmix_variant(s.outliers, default) for s in group} - {None}
-            outlier_sets = {v.dirname(default): _outlier_data(cfg, layout, v, manifest,
-                                                              plain.name)
-                            for v in sorted(variants, key=lambda v: (v.guidance, v.filtered))}
+            sources = generator_sources([s.outliers for s in group], default)
+            outlier_sets = {s.dirname: _outlier_data(cfg, layout, s, manifest, plain.name)
+                            for s in sources}
             train_group(cfg, layout, group, id_data, manifest, outlier_sets, name)
     return [{"run": s.name, **json.loads(storage.read_bytes(
         f"{layout.classifier_dir(s.name)}/{CARD}")).get("train", {})} for s in pending]

@@ -1,6 +1,6 @@
 """WebDataset shards with a manifest: the one data contract every stage reads and writes.
 
-A shard is `<prefix>-%06d.tar` holding samples `__key__`, `png` (uint8 image) and `json`
+A shard is `<prefix>-%06d.tar` holding samples `__key__`, `png` or `jpg` (image) and `json`
 (ID: {"label": k}; synthetic: provenance). `manifest.json` beside the shards is written last
 and atomically, so a shard that the manifest does not list does not exist for readers.
 Tar headers carry fixed metadata (mtime 0), so the same samples give the same bytes.
@@ -93,7 +93,35 @@ def decode_png(data: bytes) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def tar_bytes(samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]]) -> tuple[bytes, int]:
+IMAGE_FORMATS = ("png", "jpg")  # the member an image is stored as; every reader takes either
+
+
+def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 90) -> bytes:
+    """`png` (lossless) or `jpg` bytes (at `quality`: 10x smaller for 224x224 photos, which is
+    what ImageNet-scale synthetic sets need); both byte-deterministic for the same input."""
+    if image_format == "png":
+        return encode_png(image)
+    if image_format != "jpg":
+        raise ShardError(f"unknown image format {image_format!r}; valid: {IMAGE_FORMATS}")
+    if image.dtype != np.uint8:
+        raise ShardError(f"images must be uint8, got {image.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image).save(
+        buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def sample_image(sample: dict[str, Any]) -> np.ndarray:
+    """The uint8 H×W×C image of a raw tar sample, whichever format it was stored in."""
+    for image_format in IMAGE_FORMATS:
+        if image_format in sample:
+            return decode_png(sample[image_format])  # PIL reads either from the bytes
+    raise ShardError(f"sample {sample.get('__key__')!r} has no image member "
+                     f"({' or '.join(IMAGE_FORMATS)})")
+
+
+def tar_bytes(samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]],
+              image_format: str = "png", quality: int = 90) -> tuple[bytes, int]:
     """Serialise (key, image, meta) samples to deterministic tar bytes; returns (bytes, count)."""
     buf = io.BytesIO()
     count = 0
@@ -101,16 +129,17 @@ def tar_bytes(samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]]) -> tupl
         for key, image, meta in samples:
             if "." in key:
                 raise ShardError(f"sample key {key!r} contains a dot; WebDataset keys must not")
-            tw.write({"__key__": key, "png": encode_png(image),
+            tw.write({"__key__": key, image_format: encode_image(image, image_format, quality),
                       "json": json.dumps(meta, sort_keys=True).encode()})
             count += 1
     return buf.getvalue(), count
 
 
 def write_shard(storage: Storage, directory: str, name: str,
-                samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]]) -> ShardInfo:
+                samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]],
+                image_format: str = "png", quality: int = 90) -> ShardInfo:
     """Write one shard atomically and return its manifest entry."""
-    data, count = tar_bytes(samples)
+    data, count = tar_bytes(samples, image_format, quality)
     storage.write_bytes_atomic(f"{directory}/{name}", data)
     return ShardInfo(path=name, count=count, sha256=hashlib.sha256(data).hexdigest(),
                      size=len(data))
@@ -223,7 +252,7 @@ def iter_samples(storage: Storage, path: str) -> Iterator[tuple[str, np.ndarray,
     """Decoded (key, image H×W×C uint8, meta) samples of one shard, read in-process."""
     try:
         for sample in iter_raw_samples(storage, path):
-            yield sample["__key__"], decode_png(sample["png"]), json.loads(sample["json"])
+            yield sample["__key__"], sample_image(sample), json.loads(sample["json"])
     except Exception as err:  # tarfile, PIL and json all raise their own types
         raise ShardError(f"cannot read shard {path}: {err}; verify with `oodscale verify`") from err
 

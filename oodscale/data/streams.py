@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodscale.data.shards import decode_png, read_manifest, shard_paths
+from oodscale.data.shards import read_manifest, sample_image, shard_paths
 from oodscale.runtime import Storage
 
 
@@ -27,7 +27,7 @@ def _decode_sample(sample: dict[str, Any], num_classes: int) -> dict[str, Any]:
     Labels are checked here, on the host, once per read, so training steps can trust them
     without a host sync (-1 marks rows without an ID class: OOD and synthetic samples).
     """
-    image = decode_png(sample["png"]).transpose(2, 0, 1)
+    image = sample_image(sample).transpose(2, 0, 1)
     meta = json.loads(sample["json"])
     label = int(meta.get("label", -1))
     if not -1 <= label < num_classes:

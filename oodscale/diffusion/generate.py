@@ -6,7 +6,6 @@ rewrite atomic), so an interrupted run keeps its work and a rerun draws only wha
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,58 +18,83 @@ from oodscale.data.shards import (
     Manifest,
     ShardInfo,
     drop_damaged,
+    read_manifest,
     try_read_manifest,
     write_manifest,
 )
 from oodscale.devices import worker_device
+from oodscale.diffusion.classmap import map_classes, to_generator_labels
+from oodscale.diffusion.generators import load_generator, model_card
 from oodscale.diffusion.mixup import one_hot
-from oodscale.diffusion.model import load_unet
 from oodscale.diffusion.sample import (
     ShardSampler,
     draw_labelmix,
-    make_sampler,
     sample_images,
     sampling_autocast,
+    scheduler_for,
 )
-from oodscale.diffusion.train import MODEL_CARD
-from oodscale.diffusion.variants import LabelmixVariant, labelmix_variant
+from oodscale.outliers import generator_sources, synthetic_dirname
 from oodscale.progress import track
 from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
 
+GRID_CLASSES = 10  # rows of the sample grid at most: 200 ImageNet classes would not fit
 
-def _generation_params(cfg: ExperimentConfig, card: dict[str, Any]) -> dict[str, Any]:
+
+def _generation_params(cfg: ExperimentConfig, card: dict[str, Any],
+                       class_map: list[int]) -> dict[str, Any]:
     """What determines the shard contents; a rerun must match it to resume."""
     gen = cfg.generate
-    return {"seed": cfg.seed, "model": card["model_hash"], "samples_per_shard":
-            gen.samples_per_shard, "lam": gen.lam.model_dump(), "mode": gen.mode,
-            "guidance": gen.guidance, "sampler": gen.sampler, "steps": gen.steps,
-            "batch_size": gen.batch_size}
+    params = {"seed": cfg.seed, "model": card["model_hash"], "samples_per_shard":
+              gen.samples_per_shard, "lam": gen.lam.model_dump(), "mode": gen.mode,
+              "guidance": gen.guidance, "sampler": gen.sampler, "steps": gen.steps,
+              "batch_size": gen.batch_size}
+    if card.get("generator", "ddpm") != "ddpm":  # keys a DDPM run's params never had
+        params.update(generator=card["generator"], source=card["source"], class_map=class_map,
+                      image_size=cfg.data.image_size, image_format=gen.image_format,
+                      jpeg_quality=gen.jpeg_quality)
+    elif gen.image_format != "png":
+        params.update(image_format=gen.image_format, jpeg_quality=gen.jpeg_quality)
+    return params
 
 
-def needed_variants(cfg: ExperimentConfig) -> list[LabelmixVariant]:
-    """Every label-mixup variant the training grid uses, the config's own first."""
-    default = cfg.generate.guidance
-    found = [labelmix_variant(name, default) for name in cfg.train.outliers]
-    variants = [v for v in found if v is not None]
-    return sorted(set(variants), key=lambda v: (v.guidance != default, v.guidance, v.filtered))
+def _class_map(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
+               ) -> tuple[list[str], list[int]]:
+    """The ID class names and each one's index among the generator's classes."""
+    id_names = read_manifest(layout.storage, layout.id_split("train")).class_names
+    if card["channels"] != cfg.data.channels:
+        raise ValueError(f"generator {card.get('generator', 'ddpm')} draws {card['channels']}-"
+                         f"channel images but data.channels={cfg.data.channels}; set "
+                         f"data.channels={card['channels']}")
+    try:
+        return id_names, map_classes(id_names, card["class_names"])
+    except ValueError as err:
+        hint = ("rerun train-diffusion for these ID classes" if card.get("generator", "ddpm")
+                == "ddpm" else "set generate.class_list to the generator's class names")
+        raise ValueError(f"{err}; {hint}") from None
 
 
 def generate(cfg: ExperimentConfig, layout: RunLayout) -> list[Manifest]:
-    """Draw every unfiltered label-mixup variant the grid needs (the default one at least)."""
-    guidances = {v.guidance for v in needed_variants(cfg)} | {cfg.generate.guidance}
+    """Draw every guidance scale the grid's generator sources need (the default one at least),
+    each into its own `synthetic-w<g>` directory."""
     default = cfg.generate.guidance
+    sources = generator_sources(cfg.train.outliers, default)
+    guidances = {s.guidance for s in sources} | {default}
     ordered = sorted(guidances, key=lambda g: (g != default, g))
     return [generate_variant(cfg.model_copy(update={"generate": cfg.generate.model_copy(
-        update={"guidance": g})}), layout, LabelmixVariant(g, False).dirname(default))
-        for g in ordered]
+        update={"guidance": g})}), layout, synthetic_dirname(g)) for g in ordered]
 
 
-def read_model_card(layout: RunLayout) -> dict[str, Any]:
-    path = f"{layout.diffusion_dir}/{MODEL_CARD}"
-    if not layout.storage.exists(path):
-        raise FileNotFoundError(f"no trained DDPM at {layout.storage.uri_of(layout.diffusion_dir)}"
-                                f": run `oodscale train-diffusion` first")
-    return json.loads(layout.storage.read_bytes(path))
+def _refuse_legacy_layout(layout: RunLayout, out_dir: str) -> None:
+    """A run from before directories were named by guidance kept its default shards in
+    `synthetic`; name the rename instead of silently drawing them again."""
+    legacy, storage = layout.synthetic_variant("synthetic"), layout.storage
+    manifest = try_read_manifest(storage, legacy)
+    if manifest is None or try_read_manifest(storage, out_dir) is not None:
+        return
+    w = manifest.extra.get("params", {}).get("guidance")
+    raise ValueError(f"{storage.uri_of(legacy)} holds shards of an older layout (guidance {w}); "
+                     f"rename it to synthetic-w{w:g} (and synthetic-filtered to "
+                     f"synthetic-w{w:g}-filtered) and rerun")
 
 
 def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> Manifest:
@@ -79,17 +103,21 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
 
     storage, gen = layout.storage, cfg.generate
     out_dir = layout.synthetic_variant(dirname)
-    card = read_model_card(layout)
-    params = _generation_params(cfg, card)
+    _refuse_legacy_layout(layout, out_dir)
+    card = model_card(cfg, layout)
+    id_names, class_map = _class_map(cfg, layout, card)
+    params = _generation_params(cfg, card, class_map)
     manifest = try_read_manifest(storage, out_dir)
     if manifest is not None and manifest.extra.get("params") != params:
         raise ValueError(f"{storage.uri_of(out_dir)} holds shards drawn with other "
                          f"settings ({manifest.extra.get('params')}); delete that directory or "
                          f"set storage.root / name to a new location")
     if manifest is None:
-        manifest = Manifest(kind="synthetic", split="labelmix", image_size=card["image_size"],
-                            channels=card["channels"], class_names=card["class_names"],
-                            extra={"params": params, "num_shards": gen.num_shards})
+        manifest = Manifest(kind="synthetic", split="labelmix", image_size=cfg.data.image_size,
+                            channels=card["channels"], class_names=id_names,
+                            extra={"params": params, "num_shards": gen.num_shards,
+                                   "generator": card.get("generator", "ddpm"),
+                                   "source": card.get("source"), "class_map": class_map})
     for problem in drop_damaged(storage, out_dir, manifest):
         print(f"[oodscale] redrawing: {problem}", flush=True)
     done = {int(s.path.split("-")[-1].split(".")[0]) for s in manifest.shards}
@@ -105,22 +133,22 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
             compute=ray.data.ActorPoolStrategy(size=min(gen.concurrency, len(todo))),
             num_cpus=gen.cpus_per_actor, num_gpus=1 if use_gpu else 0,
             fn_constructor_kwargs={
-                "storage_root": storage.uri, "model_dir": f"{layout.diffusion_dir}/unet",
-                "out_dir": out_dir, "gen": gen.model_dump(),
-                "timesteps": card["timesteps"], "run_seed": cfg.seed,
-                "model_hash": card["model_hash"], "use_gpu": use_gpu})
+                "storage_root": storage.uri, "diffusion_dir": layout.diffusion_dir,
+                "out_dir": out_dir, "gen": gen.model_dump(), "card": card,
+                "class_map": class_map, "image_size": cfg.data.image_size,
+                "run_seed": cfg.seed, "use_gpu": use_gpu})
         for row in track(rows.iter_rows(), f"generate {out_dir.rsplit('/', 1)[-1]}", len(todo),
                          "shard"):
             manifest.shards.append(ShardInfo.from_row(row))
             manifest.shards.sort(key=lambda s: s.path)
             write_manifest(storage, out_dir, manifest)
     if todo or not storage.exists(f"{out_dir}/grid.png"):
-        write_grid(cfg, layout, card, out_dir)
+        write_grid(cfg, layout, card, id_names, class_map, out_dir)
     return manifest
 
 
 def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
-               out_dir: str) -> str:
+               id_names: list[str], class_map: list[int], out_dir: str) -> str:
     """Draw the sample grid in a Ray task with the sampling actors' resources: on a GPU worker
     when generation uses GPUs, never on the driver's CPU."""
     import ray
@@ -129,13 +157,15 @@ def write_grid(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
     use_gpu = resolve_use_gpu(gen.use_gpu)
     task = ray.remote(draw_grid).options(num_cpus=gen.cpus_per_actor,
                                          num_gpus=1 if use_gpu else 0)
-    return ray.get(task.remote(layout.storage.uri, f"{layout.diffusion_dir}/unet", out_dir,
-                               gen.model_dump(), card, cfg.seed, use_gpu))
+    return ray.get(task.remote(layout.storage.uri, layout.diffusion_dir, out_dir,
+                               gen.model_dump(), card, id_names, class_map, cfg.seed, use_gpu))
 
 
-def draw_grid(storage_root: str, model_dir: str, out_dir: str, gen_config: dict[str, Any],
-              card: dict[str, Any], seed: int, use_gpu: bool) -> str:
-    """PNG grid: per class a row of ID samples, beside rows of label-mixup samples."""
+def draw_grid(storage_root: str, diffusion_dir: str, out_dir: str, gen_config: dict[str, Any],
+              card: dict[str, Any], id_names: list[str], class_map: list[int], seed: int,
+              use_gpu: bool) -> str:
+    """PNG grid: per ID class (the first GRID_CLASSES) a row of class-conditional samples,
+    beside rows of label-mixup samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,19 +174,20 @@ def draw_grid(storage_root: str, model_dir: str, out_dir: str, gen_config: dict[
     gen = GenerateConfig.model_validate(gen_config)
     storage = open_storage(storage_root)
     device = worker_device(use_gpu)
-    model = load_unet(storage, model_dir).to(device)
-    classes, per = card["num_classes"], gen.grid_per_class
-    labels = one_hot(torch.arange(classes).repeat_interleave(per), classes)
+    model = load_generator(storage, diffusion_dir, card).to(device)
+    classes, per = min(len(id_names), GRID_CLASSES), gen.grid_per_class
+    shown = class_map[:classes]  # label-mixup among the shown classes only
+    labels = to_generator_labels(one_hot(torch.arange(classes).repeat_interleave(per), classes),
+                                 shown, model.num_classes)
     generator = torch.Generator().manual_seed(seed)
-    scheduler = make_sampler(gen.sampler, card["timesteps"], gen.steps)
     with sampling_autocast(device):
-        id_images = sample_images(model, labels, gen.guidance, scheduler, generator, device)
-        mix_images, metas = draw_labelmix(model, gen, card["timesteps"], seed + 1,
-                                          classes * per, device)
+        id_images = sample_images(model, labels, gen.guidance, scheduler_for(model, gen),
+                                  generator, device)
+        mix_images, metas = draw_labelmix(model, gen, shown, seed + 1, classes * per, device)
     id_images = id_images.float().add(1).div(2).permute(0, 2, 3, 1).cpu().numpy()
     fig, axes = plt.subplots(classes, 2 * per, figsize=(2 * per * 0.9, classes * 0.95))
     axes = np.atleast_2d(axes)
-    names = card["class_names"]
+    names = id_names
     for r in range(classes):
         for c in range(per):
             _show(axes[r, c], id_images[r * per + c], f"{names[r]}" if c == 0 else "")

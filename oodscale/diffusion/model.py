@@ -8,16 +8,19 @@ a mix of two one-hots the label-mixup condition.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-from oodscale.runtime import Storage
+from oodscale.config import ExperimentConfig
+from oodscale.diffusion.generators import MODEL_CARD, Generator
+from oodscale.runtime import RunLayout, Storage
 from oodscale.weights import require_safetensors
 
 
@@ -51,17 +54,59 @@ class LabelConditionedUNet(ModelMixin, ConfigMixin):
         return self.unet(noisy, timesteps, class_labels=class_emb).sample
 
 
-def model_hash(directory: str | Path) -> str:
-    """Short content hash of a saved model's weights, recorded in every synthetic sample."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def load_unet(storage: Storage, unet_dir: str) -> LabelConditionedUNet:
     """The saved DDPM from any storage root, in eval mode."""
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.fetch_dir(unet_dir, Path(tmp))
         require_safetensors(local / "diffusion_pytorch_model.safetensors")  # never a pickle
         return LabelConditionedUNet.from_pretrained(local, use_safetensors=True).eval()
+
+
+class UNetGenerator(Generator):
+    """The project's own DDPM behind the generator interface: it denoises pixels (nothing to
+    decode) and takes the soft label itself, the zero vector being the unconditional input."""
+
+    def __init__(self, model: LabelConditionedUNet, timesteps: int) -> None:
+        self.model, self.timesteps = model, timesteps
+        config = model.config
+        self.num_classes = config.num_classes
+        self.latent_shape = (config.in_channels, config.sample_size, config.sample_size)
+        self.image_size, self.channels = config.sample_size, config.in_channels
+
+    def to(self, device: torch.device | str) -> UNetGenerator:
+        self.model.to(device)
+        return self
+
+    def condition(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels
+
+    def null_condition(self, count: int) -> torch.Tensor:
+        return torch.zeros(count, self.num_classes)
+
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+                      condition: torch.Tensor) -> torch.Tensor:
+        return self.model(noisy, timesteps, condition)
+
+    def decode(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory, safe_serialization=True)
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        return {"timesteps": self.timesteps}  # samplers' default: the cosine schedule it trains on
+
+    @classmethod
+    def load(cls, storage: Storage, diffusion_dir: str, card: dict[str, Any]) -> UNetGenerator:
+        return cls(load_unet(storage, f"{diffusion_dir}/unet"), card["timesteps"])
+
+    @classmethod
+    def model_card(cls, cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
+        path = f"{layout.diffusion_dir}/{MODEL_CARD}"
+        if not layout.storage.exists(path):
+            raise FileNotFoundError(f"no trained DDPM at "
+                                    f"{layout.storage.uri_of(layout.diffusion_dir)}: run "
+                                    f"`oodscale train-diffusion` first")
+        return {"generator": "ddpm", "source": "train-diffusion",
+                **json.loads(layout.storage.read_bytes(path))}

@@ -1,9 +1,10 @@
-"""Sampling the DDPM: classifier-free guidance, DDPM or DDIM, and the Ray Data shard writer.
+"""Sampling any generator: classifier-free guidance, the samplers table, and the shard writer.
 
-`ShardSampler` is a Ray Data callable class: it loads the model once per actor; its rows are
-shard indices and each call draws and writes whole shards. Shard i is drawn from
-seed hash(run seed, i) alone, so a rerun skips shards in the manifest and a resumed run equals
-an uninterrupted one.
+`ShardSampler` is a Ray Data callable class: it loads the generator once per actor; its rows are
+shard indices and each call draws, decodes (a latent generator's VAE runs in the same actor),
+resizes to the configured size and writes whole shards. Shard i is drawn from seed
+hash(run seed, i) alone, so a rerun skips shards in the manifest and a resumed run equals an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from oodscale.config import GenerateConfig
 from oodscale.data.shards import shard_name, write_shard
 from oodscale.data.streams import from_model_output
 from oodscale.devices import worker_device
+from oodscale.diffusion.classmap import to_generator_labels
+from oodscale.diffusion.generators import Generator, load_generator
 from oodscale.diffusion.mixup import distinct_pairs, mixup_labels, sample_lambdas
-from oodscale.diffusion.model import LabelConditionedUNet, load_unet
 from oodscale.diffusion.samplers import make_sampler
 from oodscale.runtime import derive_seed, open_storage
 
@@ -28,44 +31,62 @@ def sampling_autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def scheduler_for(model: Generator, gen: GenerateConfig):
+    """A fresh scheduler of the configured sampler on the generator's own noise schedule."""
+    schedule = model.schedule
+    return make_sampler(gen.sampler, schedule.pop("timesteps"), gen.steps, **schedule)
+
+
 @torch.no_grad()
-def sample_images(model: LabelConditionedUNet, labels: torch.Tensor, guidance: float,
-                  scheduler, generator: torch.Generator, device: torch.device | str = "cpu",
+def sample_images(model: Generator, labels: torch.Tensor, guidance: float, scheduler,
+                  generator: torch.Generator, device: torch.device | str = "cpu",
                   ) -> torch.Tensor:
-    """Images (B×C×H×W in [-1, 1]) for soft labels; eps = eps_u + w·(eps_c − eps_u)."""
-    cfg = model.config
-    shape = (len(labels), cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    x = torch.randn(shape, generator=generator).to(device)
-    labels = labels.to(device)
-    null = torch.zeros_like(labels)
+    """Images (B×C×H×W in [-1, 1]) for soft labels over the generator's classes;
+    eps = eps_u + w·(eps_c − eps_u), eps_u under the generator's unconditional input."""
+    x = torch.randn((len(labels), *model.latent_shape), generator=generator).to(device)
+    condition = model.condition(labels).to(device)
+    null = model.null_condition(len(labels)).to(device) if guidance != 1.0 else None
     for t in scheduler.timesteps:
         tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
-        if guidance == 1.0:
-            eps = model(x, tt, labels).float()
+        if null is None:
+            eps = model.predict_noise(x, tt, condition).float()
         else:
-            both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+            both = model.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]),
+                                       torch.cat([condition, null]))
             eps_c, eps_u = both.float().chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
-    return x.clamp(-1, 1)
+    return model.decode(x).float().clamp(-1, 1)
 
 
-def draw_labelmix(model: LabelConditionedUNet, gen: GenerateConfig, timesteps: int, seed: int,
-                  count: int, device: torch.device | str = "cpu",
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Decoded images at the configured size (antialiased), e.g. a DiT's 256 → 224."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).clamp(-1, 1)
+
+
+def draw_labelmix(model: Generator, gen: GenerateConfig, class_map: list[int], seed: int,
+                  count: int, device: torch.device | str = "cpu", size: int | None = None,
                   ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """`count` label-mixup outliers from `seed` alone, with their provenance minus the model."""
+    """`count` label-mixup outliers from `seed` alone, with their provenance minus the model.
+
+    Pairs (a, b) are ID classes; `class_map[k]` is ID class k's index among the generator's.
+    """
     rng = np.random.default_rng(seed)
-    num_classes = model.config.num_classes
+    num_classes = len(class_map)
     a, b = distinct_pairs(rng, count, num_classes)
     lam = sample_lambdas(rng, count, gen.lam)
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, count, gen.batch_size):
         part = slice(start, min(start + gen.batch_size, count))
-        y = mixup_labels(a[part], b[part], lam[part], num_classes, gen.mode)
-        scheduler = make_sampler(gen.sampler, timesteps, gen.steps)
-        images.append(from_model_output(
-            sample_images(model, y, gen.guidance, scheduler, generator, device)))
+        y = to_generator_labels(mixup_labels(a[part], b[part], lam[part], num_classes, gen.mode),
+                                class_map, model.num_classes)
+        drawn = sample_images(model, y, gen.guidance, scheduler_for(model, gen), generator,
+                              device)
+        images.append(from_model_output(resize_images(drawn, size or model.image_size)))
     metas = [{"a": int(a[i]), "b": int(b[i]),
               "lam": None if gen.mode == "sum" else float(lam[i]),
               "guidance": gen.guidance, "seed": seed, "index": i} for i in range(count)]
@@ -73,16 +94,18 @@ def draw_labelmix(model: LabelConditionedUNet, gen: GenerateConfig, timesteps: i
 
 
 class ShardSampler:
-    """Ray Data callable class: model loaded once per actor, writes whole synthetic shards."""
+    """Ray Data callable class: generator loaded once per actor, writes whole synthetic
+    shards (PNG or JPEG, as generate.image_format says)."""
 
-    def __init__(self, storage_root: str, model_dir: str, out_dir: str, gen: dict[str, Any],
-                 timesteps: int, run_seed: int, model_hash: str, use_gpu: bool):
+    def __init__(self, storage_root: str, diffusion_dir: str, out_dir: str, gen: dict[str, Any],
+                 card: dict[str, Any], class_map: list[int], image_size: int, run_seed: int,
+                 use_gpu: bool):
         self.storage = open_storage(storage_root)
         self.device = worker_device(use_gpu)
-        self.model = load_unet(self.storage, model_dir).to(self.device)
+        self.model = load_generator(self.storage, diffusion_dir, card).to(self.device)
         self.gen = GenerateConfig.model_validate(gen)
-        self.out_dir, self.timesteps = out_dir, timesteps
-        self.run_seed, self.model_hash = run_seed, model_hash
+        self.out_dir, self.class_map, self.image_size = out_dir, class_map, image_size
+        self.run_seed, self.model_hash = run_seed, card["model_hash"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"shard": [], "path": [], "count": [], "sha256": [],
@@ -90,11 +113,13 @@ class ShardSampler:
         for index in batch["shard"].tolist():
             seed = shard_seed(self.run_seed, index)
             with sampling_autocast(self.device):
-                images, metas = draw_labelmix(self.model, self.gen, self.timesteps, seed,
-                                              self.gen.samples_per_shard, self.device)
+                images, metas = draw_labelmix(self.model, self.gen, self.class_map, seed,
+                                              self.gen.samples_per_shard, self.device,
+                                              self.image_size)
             samples = ((f"syn{index:06d}_{i:06d}", images[i], {**m, "model": self.model_hash})
                        for i, m in enumerate(metas))
-            info = write_shard(self.storage, self.out_dir, shard_name("synthetic", index), samples)
+            info = write_shard(self.storage, self.out_dir, shard_name("synthetic", index),
+                               samples, self.gen.image_format, self.gen.jpeg_quality)
             for key, value in (("shard", index), ("path", info.path), ("count", info.count),
                                ("sha256", info.sha256), ("size", info.size)):
                 out[key].append(value)

@@ -15,15 +15,21 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_sampler(kind: str, timesteps: int, steps: int):
+def make_sampler(kind: str, timesteps: int, steps: int, **schedule: Any):
     """A fresh diffusers scheduler set to `steps` denoising steps (multistep ones keep state,
-    so every batch gets its own)."""
+    so every batch gets its own). `schedule` is the generator's noise schedule (beta_schedule,
+    beta_start, ...; default the DDPM's cosine one); options a scheduler lacks are dropped."""
+    import inspect
+
     import diffusers
 
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
     class_name, options = SAMPLERS[kind]
-    scheduler = getattr(diffusers, class_name)(num_train_timesteps=timesteps,
-                                               beta_schedule="squaredcos_cap_v2", **options)
+    scheduler_cls = getattr(diffusers, class_name)
+    accepted = inspect.signature(scheduler_cls.__init__).parameters
+    given = {"beta_schedule": "squaredcos_cap_v2", **schedule, **options}
+    scheduler = scheduler_cls(num_train_timesteps=timesteps,
+                              **{k: v for k, v in given.items() if k in accepted})
     scheduler.set_timesteps(min(steps, timesteps))
     return scheduler

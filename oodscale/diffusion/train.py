@@ -18,8 +18,9 @@ from oodscale import tracking
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
 from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
+from oodscale.diffusion.generators import MODEL_CARD, content_hash
 from oodscale.diffusion.mixup import one_hot
-from oodscale.diffusion.model import LabelConditionedUNet, model_hash
+from oodscale.diffusion.model import LabelConditionedUNet
 from oodscale.distributed import (
     copy_checkpoint,
     make_worker_accelerator,
@@ -30,8 +31,6 @@ from oodscale.distributed import (
 )
 from oodscale.progress import epoch_progress
 from oodscale.runtime import RunLayout, derive_seed, seed_everything
-
-MODEL_CARD = "model.json"  # written last: its presence means the stage finished
 
 
 def build_unet(cfg: ExperimentConfig, manifest: Manifest) -> LabelConditionedUNet:
@@ -124,7 +123,7 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
             {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion")
     unet_dir = f"{layout.diffusion_dir}/unet"
     copy_checkpoint(result, layout, unet_dir)
-    card = {"epochs": d.epochs, "final_loss": result.metrics.get("loss"),
+    card = {"generator": "ddpm", "epochs": d.epochs, "final_loss": result.metrics.get("loss"),
             "images_per_s": result.metrics.get("images_per_s"),
             "num_classes": len(manifest.class_names), "class_names": manifest.class_names,
             "image_size": manifest.image_size, "channels": manifest.channels,
@@ -136,4 +135,4 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
 def _hash_remote(layout: RunLayout, unet_dir: str) -> str:
     """Content hash of the saved weights, wherever they live."""
     with tempfile.TemporaryDirectory() as tmp:
-        return model_hash(layout.storage.fetch_dir(unet_dir, Path(tmp)))
+        return content_hash(layout.storage.fetch_dir(unet_dir, Path(tmp)))

@@ -28,6 +28,7 @@ from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train, needs_fit
 from oodscale.evaluate.pood import POOD_PREFIX, pood_spec
 from oodscale.evaluate.report import aggregate, write_report
 from oodscale.evaluate.report_html import provenance
+from oodscale.outliers import synthetic_dirname
 from oodscale.progress import track
 from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
 
@@ -227,7 +228,7 @@ def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFram
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         extra = {}
-        grid_png = f"{layout.synthetic_dir}/grid.png"
+        grid_png = f"{layout.synthetic_variant(synthetic_dirname(cfg.generate.guidance))}/grid.png"
         if storage.exists(grid_png):
             local_grid = out / "plots" / "outlier_grid.png"
             local_grid.parent.mkdir(parents=True, exist_ok=True)
