@@ -4,7 +4,9 @@
 #
 #   cluster/start-local-head.sh                  # all cores and GPUs of this machine
 #   cluster/start-local-head.sh --num-cpus=8     # extra arguments go to `ray start`
-#   ray stop                                     # shuts it down (and any other Ray on this host)
+#   cluster/stop-local-head.sh PIDFILE           # stops this head only (PIDFILE is printed)
+#
+# Never `ray stop` to end it: that stops every Ray on this host, other users' runs included.
 #
 # Environment:
 #   RAY_BIN          the ray executable (default: `ray` on PATH, e.g. .venv/bin/ray)
@@ -65,6 +67,15 @@ if [ -z "$ADDRESS" ]; then
     echo "error: Ray started but $RAY_TEMP_DIR/ray_current_cluster holds no address" >&2
     exit 1
 fi
+# This head's processes, for cluster/stop-local-head.sh: those whose command line names its
+# session directory or its GCS address (first line: both, to re-check the pids before a kill).
+SESSION="$(basename "$(readlink -f "$RAY_TEMP_DIR/session_latest")")"
+PIDFILE="$RAY_TEMP_DIR/oodscale-head-${ADDRESS##*:}.pids"
+{
+    echo "$SESSION $ADDRESS"
+    ps -ww -eo pid=,args= | grep -F -e "$SESSION" -e "$ADDRESS" | grep -v -e grep -e "ps -ww" |
+        awk '{print $1}'
+} > "$PIDFILE"
 
 cat <<MSG
 
@@ -81,5 +92,6 @@ Then, from the repository root:
       python jobs/prepare.py --config configs/digits.yaml
   python jobs/prepare.py --config configs/digits.yaml --address $ADDRESS   # driver here
 
-Stop it with: ray stop
+Stop it (this head only; never a bare "ray stop", which ends every Ray on this host):
+  cluster/stop-local-head.sh $PIDFILE
 MSG
