@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint clean install gpu-check browser report-check
+.PHONY: demo test test-fast lint clean install gpu-check browser report-check fashion-mnist \
+	benchmark
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +24,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/oodscale run configs/digits.yaml
 
-test: $(STAMP) browser
+# The Fashion-MNIST benchmark (configs/fashion.yaml, docs/results.md): the paper's grid, 60 cells.
+benchmark: $(STAMP) fashion-mnist
+	$(BIN)/oodscale run configs/fashion.yaml
+
+test: $(STAMP) browser fashion-mnist
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 # Unit tests only (no Ray cluster): a quick loop while editing.
-test-fast: $(STAMP) browser
+test-fast: $(STAMP) browser fashion-mnist
 	$(BIN)/pytest -q -m "not integration"
 
 # Every stage on a GPU, then per-worker throughput (docs/gpu.md). Needs a CUDA GPU.
@@ -37,11 +42,19 @@ gpu-check:
 
 # report.html is checked in Debian's headless chromium (tests/test_report_html.py): install it
 # where it is missing (as root), or stop with the command that does.
+APT_INSTALL = [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
-	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { $(APT_INSTALL) chromium >/dev/null; } || \
 	  { echo "chromium is missing: run 'apt-get install chromium' as root" >&2; exit 1; }
+
+# Fashion-MNIST (configs/fashion.yaml, its tests) from Debian's package, installed where missing.
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-mnist:
+	@test -f $(FASHION) || { $(APT_INSTALL) dataset-fashion-mnist >/dev/null; } || \
+	  { echo "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' as root" >&2; \
+	    exit 1; }
 
 # Open a report in headless chromium; fails on a console error, broken image or unsortable table.
 REPORT ?= runs/digits/eval/report.html

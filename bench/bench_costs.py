@@ -40,6 +40,7 @@ sustained bf16 rate on an A100 / H100: a FLOP floor that GPU measurements contra
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as dt
 import io
 import os
@@ -445,7 +446,7 @@ def stage_totals(exps: dict[str, Experiment],
                               images * u_train))
         samples = g.num_shards * g.samples_per_shard
         # One generation run per guidance scale the grid's label-mixup variants ask for.
-        scales = sorted({s.guidance for s in generator_sources(t.outliers, g.guidance)}
+        scales = sorted({s.guidance for s in generator_sources(t.outlier_sources, g.guidance)}
                         | {g.guidance})
         forwards = sum(samples * g.steps * (1 if w == 1.0 else 2) for w in scales)
         runs_desc = " + ".join(f"w={w:g}" + (" (2 forwards)" if w != 1.0 else "") for w in scales)
@@ -454,7 +455,8 @@ def stage_totals(exps: dict[str, Experiment],
                               f"{forwards / 1e9:.2f} G UNet forwards",
                               forwards * u_fwd))
         per_epoch = (n_train // (t.batch_size * t.num_workers)) * t.batch_size * t.num_workers
-        runs = {o: len(t.losses) * len(t.seeds) for o in t.outliers}
+        runs = collections.Counter(o for _, o in t.cells)
+        runs = {o: count * len(t.seeds) for o, count in runs.items()}
         clf_images = 0
         for outliers, count in runs.items():
             clf_images += count * t.epochs * per_epoch * outlier_factor(t, outliers)
@@ -501,7 +503,7 @@ def cpu_totals(exps: dict[str, Experiment], totals: list[StageTotal],
         out.append(f"| {name} | prepare | {what} | {prep / 3600:.2g} |")
         images = {t.stage: t.work for t in totals if t.experiment == name}
         g = cfg.generate
-        scales = ({s.guidance for s in generator_sources(cfg.train.outliers, g.guidance)}
+        scales = ({s.guidance for s in generator_sources(cfg.train.outlier_sources, g.guidance)}
                   | {g.guidance})
         samples = g.num_shards * g.samples_per_shard * len(scales)
         out.append(f"| {name} | generate | {samples:,} PNG/tar writes | "
@@ -520,8 +522,8 @@ def counted_images(cfg: ExperimentConfig, n_train: int) -> dict[str, float]:
     out = {"train-diffusion": float(d.epochs * per_epoch)}
     per_epoch = (n_train // (t.batch_size * t.num_workers)) * t.batch_size * t.num_workers
     total = 0.0
-    for outliers in t.outliers:
-        total += len(t.losses) * len(t.seeds) * t.epochs * per_epoch * outlier_factor(t, outliers)
+    for _, outliers in t.cells:
+        total += len(t.seeds) * t.epochs * per_epoch * outlier_factor(t, outliers)
     out["train"] = total
     return out
 

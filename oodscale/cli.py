@@ -90,8 +90,10 @@ def _verify(cfg: ExperimentConfig, layout: RunLayout) -> str:
 
     dirs = [layout.id_split("train"), layout.id_split("test"),
             *([layout.id_split("val")] if layout.storage.exists(layout.id_split("val")) else []),
-            *(layout.ood_set(n) for n in cfg.data.ood_sets)]
-    for source in generator_sources(cfg.train.outliers, cfg.generate.guidance):
+            *(layout.ood_set(n) for n in cfg.data.ood_sets),
+            *(layout.ood_val_set(n) for n in cfg.data.validation_ood_sets
+              if layout.storage.exists(layout.ood_val_set(n)))]
+    for source in generator_sources(cfg.train.outlier_sources, cfg.generate.guidance):
         if layout.storage.exists(layout.synthetic_variant(source.dirname)):
             dirs.append(layout.synthetic_variant(source.dirname))
     counts = [verify_shards(layout.storage, d).num_samples for d in dirs]
@@ -126,7 +128,7 @@ PIPELINE: list[tuple[str, Stage]] = [
 
 
 def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
-    needs_generator = bool(generator_sources(cfg.train.outliers, cfg.generate.guidance))
+    needs_generator = bool(generator_sources(cfg.train.outlier_sources, cfg.generate.guidance))
     out = []
     for name, stage in PIPELINE:
         if name in ("train-diffusion", "generate") and not needs_generator:

@@ -7,6 +7,7 @@ before any Ray work starts, with a message that names the offending key.
 from __future__ import annotations
 
 import math
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,15 @@ def _known_loss(name: str) -> str:
 LossName = Annotated[str, AfterValidator(_known_loss)]  # checked against classify.losses.LOSSES
 
 
+def _known_source(name: str) -> str:
+    from oodscale.outliers import check_source_name  # the outlier-source table
+
+    return check_source_name(name)
+
+
+OutlierName = Annotated[str, AfterValidator(_known_source)]  # checked against oodscale.outliers
+
+
 def _known_score(name: str) -> str:
     from oodscale.evaluate.detectors import check_score_name  # the score table (+ pood: names)
 
@@ -41,8 +51,12 @@ def _known_score(name: str) -> str:
 
 ScoreName = Annotated[str, AfterValidator(_known_score)]  # evaluate.detectors.SCORES, pood:<Name>
 BuiltinOOD = Literal[
-    "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset"
+    "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset", "digits"
 ]
+# Built-in sets with a validation counterpart disjoint from the test images: the open-set split
+# (held-out images the test set did not draw) and noise (another seed). Crops of the shipped
+# photos and textures would repeat the test sets' source images, so they have none.
+ValidationOOD = Literal["openset", "gaussian", "uniform", "rademacher", "blobs"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
@@ -75,13 +89,20 @@ class OODSetSource(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "imagefolder", "cifar10"] = "digits"
-    path: str | None = Field(None, description="Dataset root for imagefolder / cifar10.")
+    source: Literal["digits", "fashion_mnist", "imagefolder", "cifar10"] = "digits"
+    path: str | None = Field(
+        None, description="Dataset root for imagefolder / cifar10 / fashion_mnist (default for "
+                          "fashion_mnist: Debian's /usr/share/datasets/fashion-mnist).")
     image_size: int = Field(16, ge=8, le=512)
     channels: Literal[1, 3] = 1
     id_classes: list[int] | None = Field(
         None, description="Keep only these classes as ID (open-set split); None = all.")
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    max_train_per_class: int | None = Field(
+        None, ge=2, description="Keep at most this many training images of each ID class "
+                                "(fixed draw), to fit a benchmark to a machine; None = all.")
+    max_test_per_class: int | None = Field(
+        None, ge=1, description="The same cap on the ID test images; None = all.")
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0,
         description="Share of the training images held out as the ID validation split "
@@ -93,16 +114,31 @@ class DataConfig(_Section):
     ood_samples: int = Field(300, ge=8, description="Images per built-in OOD set.")
     extra_ood: list[OODSetSource] = Field(default_factory=list)
     near_ood: list[str] = Field(default_factory=lambda: ["openset"])
+    val_ood_sets: list[ValidationOOD] | None = Field(
+        None, description="OOD validation sets (data/ood-val/<name>) that choose each loss's "
+                          "primary score; None = those of data.ood_sets that have one.")
+
+    @property
+    def validation_ood_sets(self) -> list[str]:
+        """The OOD validation sets prepare writes and evaluate scores (never a test image)."""
+        if self.val_ood_sets is not None:
+            return list(self.val_ood_sets)
+        return [n for n in self.ood_sets if n in typing.get_args(ValidationOOD)]
 
     @model_validator(mode="after")
     def _paths_needed(self) -> DataConfig:
-        if self.source != "digits" and not self.path:
+        if self.source not in ("digits", "fashion_mnist") and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
         if self.id_classes is not None and len(set(self.id_classes)) < 2:
             raise ValueError("data.id_classes needs at least two distinct classes")
         if "openset" in self.ood_sets and self.id_classes is None:
             raise ValueError("data.ood_sets contains 'openset' but data.id_classes is unset: "
                              "set data.id_classes to the ID classes (e.g. [0,1,2,3,4,5])")
+        if "openset" in (self.val_ood_sets or []) and self.id_classes is None:
+            raise ValueError("data.val_ood_sets contains 'openset' but data.id_classes is unset")
+        if "digits" in self.ood_sets and self.source == "digits":
+            raise ValueError("the 'digits' OOD set is scikit-learn's digits, the ID data of "
+                             "data.source=digits: remove it from data.ood_sets")
         return self
 
 
@@ -210,12 +246,21 @@ class GenerateConfig(_Section):
         return self
 
 
+class CellGroup(_Section):
+    """More grid cells beside the main product, e.g. an outlier-source ablation for two losses."""
+
+    losses: list[LossName] = Field(min_length=1)
+    outliers: list[OutlierName] = Field(min_length=1)
+
 class TrainConfig(WorkerConfig):
     losses: list[LossName] = Field(default_factory=lambda: ["softmax", "arcface"])
-    outliers: list[str] = Field(
+    outliers: list[OutlierName] = Field(
         default_factory=lambda: ["none", "labelmix"],
         description="none, noise, pixelmix, labelmix, labelmix-w<g>, each labelmix -filtered.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    extra_cells: list[CellGroup] = Field(
+        default_factory=list, description="Cells beyond losses x outliers, each group its own "
+                                          "losses x outliers, all at train.seeds.")
     backbone: Literal["smallcnn", "resnet18", "resnet50", "wrn40_2"] = "smallcnn"
     embedding_dim: int = Field(64, ge=2)
     head_options: dict[str, dict[str, float]] = Field(
@@ -247,13 +292,17 @@ class TrainConfig(WorkerConfig):
         if not v:
             raise ValueError("must list at least one entry")
         return v
+    @property
+    def cells(self) -> list[tuple[str, str]]:
+        """Every (loss, outlier source) pair of the grid, main product first, no repeats."""
+        pairs = [(lo, o) for lo in self.losses for o in self.outliers]
+        pairs += [(lo, o) for g in self.extra_cells for lo in g.losses for o in g.outliers]
+        return list(dict.fromkeys(pairs))
 
-    @field_validator("outliers")
-    @classmethod
-    def _known_sources(cls, v: list[str]) -> list[str]:
-        from oodscale.outliers import check_source_name  # the outlier-source table
-
-        return [check_source_name(name) for name in v]
+    @property
+    def outlier_sources(self) -> list[str]:
+        """Every outlier source some cell trains with (what generate must draw)."""
+        return list(dict.fromkeys(o for _, o in self.cells))
 
     @field_validator("head_options")
     @classmethod
@@ -309,7 +358,7 @@ class ExperimentConfig(_Section):
         """Number of ID classes the classifier and the DDPM are conditioned on."""
         if self.data.id_classes is not None:
             return len(self.data.id_classes)
-        return {"digits": 10, "cifar10": 10}.get(self.data.source, 0)
+        return {"digits": 10, "fashion_mnist": 10, "cifar10": 10}.get(self.data.source, 0)
 
 
 def parse_ood_flag(text: str) -> OODSetSource:

@@ -114,6 +114,10 @@ class RunLayout:
     def ood_set(self, name: str) -> str:
         return self._p("data", "ood", name)
 
+    def ood_val_set(self, name: str) -> str:
+        """An OOD validation set: chooses, never reports (disjoint from every test set)."""
+        return self._p("data", "ood-val", name)
+
     @property
     def diffusion_dir(self) -> str:
         return self._p("diffusion")

@@ -66,8 +66,12 @@ def _prepare(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
 
 
 def _train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
+    from oodscale.diffusion.generators import GENERATORS
     from oodscale.diffusion.train import MODEL_CARD
 
+    if not GENERATORS[cfg.generate.generator].trained_here:
+        return StageStatus("train-diffusion", SKIPPED, f"generate.generator="
+                           f"{cfg.generate.generator} is pretrained", "nothing")
     epochs, storage = cfg.diffusion.epochs, layout.storage
     card_path = f"{layout.diffusion_dir}/{MODEL_CARD}"
     if storage.exists(card_path):
@@ -87,7 +91,8 @@ def _generate(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
     from oodscale.outliers import generator_sources, synthetic_dirname
 
     default, total = cfg.generate.guidance, cfg.generate.num_shards
-    guidances = {s.guidance for s in generator_sources(cfg.train.outliers, default)} | {default}
+    sources = generator_sources(cfg.train.outlier_sources, default)
+    guidances = {s.guidance for s in sources} | {default}
     parts, missing = [], 0
     for g in sorted(guidances, key=lambda g: (g != default, g)):
         name = synthetic_dirname(g)
@@ -160,7 +165,7 @@ def experiment_status(cfg: ExperimentConfig, layout: RunLayout) -> list[StageSta
     from oodscale.outliers import generator_sources
 
     stages = [_prepare(cfg, layout)]
-    if generator_sources(cfg.train.outliers, cfg.generate.guidance):
+    if generator_sources(cfg.train.outlier_sources, cfg.generate.guidance):
         stages += [_train_diffusion(cfg, layout), _generate(cfg, layout)]
     else:
         stages += [StageStatus(s, SKIPPED, "no generator outlier source in train.outliers",

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from oodscale.cli import main
-from oodscale.data.shards import read_manifest
+from oodscale.data.shards import load_arrays, read_manifest
 from oodscale.runtime import open_storage
 
 pytestmark = pytest.mark.integration
@@ -50,6 +50,17 @@ def test_prepare_wrote_id_and_ood_shards(run_root):
         ood = read_manifest(storage, storage.path("digits", "data", "ood", name))
         assert ood.kind == "ood" and ood.num_samples == 40
         assert ood.extra["group"] == ("near" if name == "openset" else "far")
+    # OOD validation sets: the held-out digits the open-set test set did not draw, fresh noise.
+    test_keys = {s.sha256 for s in read_manifest(storage, storage.path(
+        "digits", "data", "ood", "openset")).shards}
+    for name in ("openset", "gaussian"):
+        val_ood = read_manifest(storage, storage.path("digits", "data", "ood-val", name))
+        assert val_ood.extra["purpose"] == "ood-val" and val_ood.num_samples == 40
+        assert not test_keys & {s.sha256 for s in val_ood.shards}
+    val_images, _ = load_arrays(storage, storage.path("digits", "data", "ood-val", "openset"))
+    test_images, _ = load_arrays(storage, storage.path("digits", "data", "ood", "openset"))
+    assert not {im.tobytes() for im in val_images} & {im.tobytes() for im in test_images}
+    assert not (root / "digits" / "data" / "ood-val" / "textures").exists()  # no honest twin
 
 
 def test_diffusion_saved_with_safetensors(run_root):
@@ -115,6 +126,10 @@ def test_evaluate_wrote_scores_results_and_report(run_root):
         assert results[col].between(0, 100).all(), col
     report = (eval_dir / "report.md").read_text()
     assert "OOD" in report and "**" in report
+    # The primary scores were chosen on the validation sets, which report.md says.
+    val = pd.read_parquet(eval_dir / "val_results.parquet")
+    assert set(val["ood_set"]) == {"openset", "gaussian"} and len(val) == 6 * 4 * 2
+    assert "validation sets alone" in report and "`openset`" in report
     assert list((eval_dir / "plots").glob("*.png"))
 
 

@@ -81,6 +81,20 @@ def test_summary_table_formats():
     assert single["ID acc"].iloc[0] == "90.0"
 
 
+def test_validation_results_choose_the_primary_score(tmp_path):
+    scores = _scores()
+    results = aggregate(scores, GROUPS)
+    test_best = write_report(results, scores, str(tmp_path / "a"), "On test")
+    assert "the test sets themselves" in (tmp_path / "a" / "report.md").read_text()
+    # Validation results in which maxcos beats msp for every loss (and the test results unused).
+    val = results.copy()
+    val["fpr95"] = np.where(val["score_name"] == "maxcos", 1.0, 99.0)
+    chosen = write_report(results, scores, str(tmp_path / "b"), "On val", selection=val)
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "validation sets alone" in text and "softmax: `maxcos`" in text
+    assert "arcface: `maxcos`" in text and chosen != test_best
+
+
 def test_write_report(tmp_path):
     scores = _scores()
     results = aggregate(scores, GROUPS)

@@ -67,7 +67,7 @@ class RunSpec:
 def grid(cfg: ExperimentConfig) -> list[RunSpec]:
     t = cfg.train
     return [RunSpec(loss, out, seed)
-            for loss, out, seed in itertools.product(t.losses, t.outliers, t.seeds)]
+            for (loss, out), seed in itertools.product(t.cells, t.seeds)]
 
 
 def _card(cfg: ExperimentConfig, spec: RunSpec, manifest: Manifest) -> dict[str, Any]:

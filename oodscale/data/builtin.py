@@ -45,10 +45,8 @@ def digits_splits(image_size: int, channels: int, test_fraction: float, seed: in
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    raw = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    images = np.stack([resize(im, image_size, channels) for im in raw])
-    labels = digits.target.astype(np.int64)
+    images = np.stack([resize(im, image_size, channels) for im in _digit_images()])
+    labels = load_digits().target.astype(np.int64)
     keep = sorted(set(range(10)) if id_classes is None else set(id_classes))
     unknown = [c for c in keep if not 0 <= c <= 9]
     if unknown:
@@ -62,6 +60,30 @@ def digits_splits(image_size: int, channels: int, test_fraction: float, seed: in
     to_id = np.vectorize(remap.__getitem__, otypes=[np.int64])
     held = Split(images[~mask], np.full((~mask).sum(), -1), [])
     return Split(tr_x, to_id(tr_y), names), Split(te_x, to_id(te_y), names), held
+
+
+def openset_rest(held: Split, n: int, seed: int) -> Split:
+    """The held-out images the open-set test set did not draw: its validation pool, disjoint
+    from every test image (the same draw as `builtin_ood`'s, so the test set is unchanged)."""
+    order = np.random.default_rng(derive_seed(seed, "ood", "openset")).permutation(len(held.images))
+    rest = np.sort(order[n:])
+    return Split(held.images[rest], held.labels[rest], [])
+
+
+def cap_per_class(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """Sorted indices keeping at most `cap` images of each class, drawn by a fixed seed."""
+    if cap is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:cap] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
+def _digit_images() -> np.ndarray:
+    """scikit-learn's 1,797 digits as 8×8 uint8 (its 0..16 levels stretched to 0..255)."""
+    from sklearn.datasets import load_digits
+
+    return (load_digits().images * (255.0 / 16.0)).round().astype(np.uint8)
 
 
 def _source_image(name: str) -> np.ndarray:
@@ -110,12 +132,15 @@ def noise(kind: str, n: int, size: int, channels: int, rng: np.random.Generator)
 
 
 def builtin_ood(name: str, n: int, size: int, channels: int, seed: int,
-                held_out: Split | None) -> np.ndarray:
-    """The images of one built-in OOD test set, drawn from a seed derived from its name."""
-    rng = np.random.default_rng(derive_seed(seed, "ood", name))
+                held_out: Split | None, purpose: str = "ood") -> np.ndarray:
+    """The images of one built-in OOD set, drawn from a seed derived from its name and purpose
+    (`ood` for the test sets, `ood-val` for their validation counterparts)."""
+    rng = np.random.default_rng(derive_seed(seed, purpose, name))
     makers: dict[str, Callable[[], np.ndarray]] = {
         "textures": lambda: crops(TEXTURES, n, size, channels, rng),
         "photos": lambda: crops(PHOTOS, n, size, channels, rng),
+        "digits": lambda: np.stack([resize(im, size, channels) for im in
+                                    _digit_images()[np.sort(rng.permutation(1797)[:n])]]),
     }
     if name in makers:
         return makers[name]()
@@ -123,9 +148,13 @@ def builtin_ood(name: str, n: int, size: int, channels: int, seed: int,
         return noise(name, n, size, channels, rng)
     if name == "openset":
         if held_out is None or len(held_out.images) == 0:
+            if purpose != "ood":
+                raise ValueError("no held-out image is left for the open-set validation set "
+                                 "(the test set drew them all): lower data.ood_samples or "
+                                 "drop openset from data.val_ood_sets")
             raise ValueError("the 'openset' OOD set needs held-out classes: set data.id_classes "
                              "to a subset of the classes")
         pick = rng.permutation(len(held_out.images))[:n]
         return held_out.images[np.sort(pick)]
-    raise ValueError(f"unknown built-in OOD set {name!r}; valid: textures, photos, "
+    raise ValueError(f"unknown built-in OOD set {name!r}; valid: textures, photos, digits, "
                      f"{', '.join(NOISE_SETS)}, openset")

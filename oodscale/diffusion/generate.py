@@ -77,7 +77,7 @@ def generate(cfg: ExperimentConfig, layout: RunLayout) -> list[Manifest]:
     """Draw every guidance scale the grid's generator sources need (the default one at least),
     each into its own `synthetic-w<g>` directory."""
     default = cfg.generate.guidance
-    sources = generator_sources(cfg.train.outliers, default)
+    sources = generator_sources(cfg.train.outlier_sources, default)
     guidances = {s.guidance for s in sources} | {default}
     ordered = sorted(guidances, key=lambda g: (g != default, g))
     return [generate_variant(cfg.model_copy(update={"generate": cfg.generate.model_copy(

@@ -286,6 +286,7 @@ class ReportContent:
 
     title: str
     primary: dict[str, str]  # loss → its primary score
+    selected_on: str  # which sets chose `primary`, for the reader
     conventions: list[str]
     tables: list[Table]
     figures: list[tuple[str, str]]  # (caption, path relative to the report's folder)
@@ -297,11 +298,26 @@ def build_report(
     out_dir: str,
     title: str,
     extra_images: dict[str, str] | None = None,
+    selection: pd.DataFrame | None = None,
 ) -> ReportContent:
-    """Tables and conventions from the frames; plots rendered to ``out_dir/plots/*.png``."""
+    """Tables and conventions from the frames; plots rendered to ``out_dir/plots/*.png``.
+
+    ``selection`` (``val_results.parquet``: the same runs on the ID and OOD validation sets)
+    chooses each loss's primary score; without it the test results do, which is optimistic.
+    """
     plots_dir = os.path.join(out_dir, "plots")
     os.makedirs(plots_dir, exist_ok=True)
-    primary = _primary_scores(results)
+    primary = _primary_scores(results if selection is None else selection)
+    if selection is None:
+        selected_on = ("the test sets themselves (this experiment has no validation sets: "
+                       "prepare it with data.val_fraction > 0 and an OOD validation set), so "
+                       "the main table is optimistic")
+    else:
+        selected_on = ("the validation sets alone: the ID validation split (data/id/val) "
+                       "against the OOD validation sets " +
+                       ", ".join(f"`{s}`" for s in sorted(selection["ood_set"].unique())) +
+                       " (data/ood-val/, disjoint from every test image); no test set "
+                       "chose anything")
 
     figures: list[tuple[str, str]] = []
     for loss, score_name in primary.items():
@@ -327,13 +343,15 @@ def build_report(
         Table("Per OOD set (best score per loss by mean FPR95)",
               _per_set_table(results, primary)),
     ]
-    return ReportContent(title, primary, conventions(results), tables, figures)
+    return ReportContent(title, primary, selected_on, conventions(results), tables, figures)
 
 
-def primary_note(primary: dict[str, str]) -> str:
+def primary_note(content: ReportContent) -> str:
     return ("The primary score of a loss is the one with the lowest mean FPR95 over all its "
-            "runs and OOD sets: " + ", ".join(f"{loss}: `{score}`"
-                                              for loss, score in primary.items()) + ".")
+            "runs and OOD sets of " + content.selected_on + ": " +
+            ", ".join(f"{loss}: `{score}`" for loss, score in content.primary.items()) +
+            ". The ambiguity filter's τ, the guidance scale, the λ distribution and λ_oe are "
+            "fixed in the config, not chosen on any data.")
 
 
 def markdown_report(content: ReportContent) -> str:
@@ -343,7 +361,7 @@ def markdown_report(content: ReportContent) -> str:
     for i, table in enumerate(content.tables):
         sections += ["", f"## {table.title}", ""]
         if i == 0:
-            sections += [primary_note(content.primary), ""]
+            sections += [primary_note(content), ""]
         sections.append(_markdown(_bold(table.frame, table.best)))
     sections += ["", "## Plots", ""]
     sections += [f"![{caption}]({rel})\n" for caption, rel in content.figures]
@@ -357,13 +375,14 @@ def write_report(
     title: str,
     extra_images: dict[str, str] | None = None,
     provenance: dict[str, Any] | None = None,
+    selection: pd.DataFrame | None = None,
 ) -> str:
     """Write ``report.md`` and ``plots/*.png`` under a local ``out_dir``, and with
     ``provenance`` (`report_html.provenance`) the self-contained ``report.html`` too.
 
     Returns the paper-style table (one row per loss × outliers) for a CLI to print.
     """
-    content = build_report(results, scores, out_dir, title, extra_images)
+    content = build_report(results, scores, out_dir, title, extra_images, selection)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown_report(content))
     if provenance is not None:

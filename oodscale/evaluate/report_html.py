@@ -124,7 +124,7 @@ def html_report(content: ReportContent, out_dir: str, prov: dict[str, Any]) -> s
     for i, table in enumerate(content.tables):
         parts.append(f"<h2>{html.escape(table.title)}</h2>")
         if i == 0:
-            parts.append(f"<p>{_inline(primary_note(content.primary))}</p>")
+            parts.append(f"<p>{_inline(primary_note(content))}</p>")
         parts.append(_table(table))
     parts.append("<h2>Plots</h2>")
     for caption, rel in content.figures:

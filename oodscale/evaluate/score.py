@@ -22,8 +22,9 @@ from oodscale.classify.checkpoints import CARD, LoadedClassifier
 from oodscale.classify.models import Activations
 from oodscale.classify.train import grid
 from oodscale.config import ExperimentConfig
-from oodscale.data.shards import iter_samples, read_manifest, shard_paths
+from oodscale.data.shards import iter_samples, read_manifest, shard_paths, try_read_manifest
 from oodscale.data.streams import read_shards
+from oodscale.data.validation import VAL_SPLIT
 from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train, needs_fit
 from oodscale.evaluate.pood import POOD_PREFIX, pood_spec
 from oodscale.evaluate.report import aggregate, write_report
@@ -31,6 +32,8 @@ from oodscale.evaluate.report_html import provenance
 from oodscale.outliers import synthetic_dirname
 from oodscale.progress import track
 from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
+
+VAL_PREFIX = "val:"  # dataset names of validation rows while scoring; stripped when written
 
 
 def fit_train_features(storage_root: str, classifier_dir: str, train_dir: str,
@@ -132,6 +135,16 @@ def test_sets(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
     return sets
 
 
+def validation_sets(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
+    """`val:`-prefixed name → directory of the ID validation split and each OOD validation set,
+    where prepare wrote them (an experiment prepared before they existed has none)."""
+    sets = {f"{VAL_PREFIX}id": layout.id_split(VAL_SPLIT)}
+    sets.update({f"{VAL_PREFIX}{name}": layout.ood_val_set(name)
+                 for name in cfg.data.validation_ood_sets})
+    present = {k: v for k, v in sets.items() if try_read_manifest(layout.storage, v) is not None}
+    return present if f"{VAL_PREFIX}id" in present and len(present) > 1 else {}
+
+
 def _test_dataset(layout: RunLayout, sets: dict[str, str]):
     parts = []
     for name, directory in sets.items():
@@ -154,7 +167,7 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
     use_gpu = resolve_use_gpu(cfg.evaluate.use_gpu)
     if use_gpu:
         require_gpus(cfg.evaluate.concurrency, "evaluate.concurrency")
-    sets = test_sets(cfg, layout)
+    sets = {**test_sets(cfg, layout), **validation_sets(cfg, layout)}
     data = _test_dataset(layout, sets).materialize()
     evaluate = cfg.evaluate
     fit_task = ray.remote(fit_train_features).options(num_cpus=evaluate.cpus_per_actor,
@@ -188,7 +201,8 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
             columns={f"pred::{run}": "pred", **renames}).melt(
             id_vars=["dataset", "label", "pred"], var_name="score_name", value_name="score")
         long = long.assign(run=run, loss=card["loss"], outliers=card["outliers"],
-                           seed=card["seed"], is_ood=long["dataset"] != "id")
+                           seed=card["seed"],
+                           is_ood=~long["dataset"].isin(["id", f"{VAL_PREFIX}id"]))
         frames.append(long)
     columns = ["run", "loss", "outliers", "seed", "score_name", "dataset", "is_ood", "score",
                "label", "pred"]
@@ -212,6 +226,13 @@ def _write_parquet(layout: RunLayout, name: str, frame: pd.DataFrame) -> None:
 def evaluate(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     """Score, aggregate and report; returns the summary table and where the files are."""
     scores = score_runs(cfg, layout)
+    is_val = scores["dataset"].str.startswith(VAL_PREFIX)
+    if is_val.any():  # the validation rows choose (report), the test rows report
+        val_scores = scores[is_val].assign(
+            dataset=scores.loc[is_val, "dataset"].str.removeprefix(VAL_PREFIX))
+        _write_parquet(layout, "val_scores.parquet", val_scores.reset_index(drop=True))
+        _write_parquet(layout, "val_results.parquet", aggregate(val_scores, ood_groups(cfg)))
+    scores = scores[~is_val].reset_index(drop=True)
     _write_parquet(layout, "scores.parquet", scores)
     results = aggregate(scores, ood_groups(cfg))
     _write_parquet(layout, "results.parquet", results)
@@ -235,8 +256,12 @@ def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFram
             local_grid.write_bytes(storage.read_bytes(grid_png))
             extra["Label-mixup outliers beside ID samples"] = str(local_grid)
         prov = provenance(cfg, layout, sorted(results["run"].unique()))
+        selection = None
+        if storage.exists(f"{layout.eval_dir}/val_results.parquet"):
+            selection = pd.read_parquet(io.BytesIO(storage.read_bytes(
+                f"{layout.eval_dir}/val_results.parquet")))
         summary = write_report(results, scores, str(out), title=f"oodscale — {cfg.name}",
-                               extra_images=extra, provenance=prov)
+                               extra_images=extra, provenance=prov, selection=selection)
         for path in sorted(out.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(out).as_posix()
