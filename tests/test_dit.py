@@ -158,7 +158,8 @@ def test_generate_train_evaluate_on_a_tiny_dit(dit_dir, tmp_path, ray_cluster):
         "generate.steps=3", "generate.guidance=4", "generate.num_shards=2",
         "generate.samples_per_shard=8", "generate.batch_size=8", "generate.concurrency=1",
         "generate.grid_per_class=1", "generate.image_format=jpg", "generate.jpeg_quality=85",
-        "train.losses=[softmax]", "train.outliers=[labelmix]", "train.seeds=[0]",
+        "generate.filter_tau=1.0", "train.losses=[softmax]",
+        "train.outliers=[labelmix-filtered]", "train.seeds=[0]",
         "train.epochs=1", "train.batch_size=8", "train.outlier_batch_size=4",
         "train.num_workers=1", "train.embedding_dim=8", "evaluate.scores=[msp]"]
     for stage in ("prepare", "train-diffusion", "generate", "train", "evaluate"):
@@ -185,8 +186,14 @@ def test_generate_train_evaluate_on_a_tiny_dit(dit_dir, tmp_path, ray_cluster):
     assert {m["a"] for m in metas} <= {0, 1, 2}  # ID class indices; the map is in the manifest
     assert (run / "synthetic-w4" / "grid.png").stat().st_size > 500
 
+    # The ambiguity filter's copy keeps the JPEG format (the plain classifier trained first).
+    filtered = read_manifest(storage, storage.path("digits", "synthetic-w4-filtered"))
+    raw = next(iter_raw_samples(storage, f"{syn_dir}-filtered/{filtered.shards[0].path}"))
+    assert "jpg" in raw and filtered.extra["kept"] == 16
+
     results = pd.read_parquet(run / "eval" / "results.parquet")
-    assert list(results["outliers"]) == ["labelmix"] and list(results["ood_set"]) == ["gaussian"]
+    assert set(results["outliers"]) == {"none", "labelmix-filtered"}
+    assert set(results["ood_set"]) == {"gaussian"}
     assert results["auroc"].between(0, 100).all()
 
 
@@ -197,3 +204,29 @@ def test_imagenet200_config_is_the_openood_setting_with_bring_your_own_paths():
     groups = {s.name: s.group for s in cfg.data.extra_ood}
     assert groups == {"ssb_hard": "near", "ninco": "near", "inaturalist": "far",
                       "textures": "far", "openimage_o": "far"}
+
+
+def test_weights_that_are_not_a_dit_pipeline_directory_are_refused(tmp_path):
+    from oodscale.diffusion.dit import resolve_weights
+
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve_weights(str(tmp_path / "missing"))
+    (tmp_path / "half" / "transformer").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="lacks \\['vae'\\]"):
+        resolve_weights(str(tmp_path / "half"))
+    with pytest.raises(ValueError, match="generate.pretrained"):
+        resolve_weights(None)
+
+
+def test_a_run_with_the_old_synthetic_directory_is_told_to_rename_it(tmp_path):
+    from oodscale.data.shards import Manifest, write_manifest
+    from oodscale.diffusion.generate import generate_variant
+    from oodscale.runtime import layout_for
+
+    cfg = load_config(CONFIG, [f"storage.root={tmp_path}"])
+    layout = layout_for(cfg)
+    old = Manifest(kind="synthetic", split="labelmix", image_size=16, channels=1,
+                   class_names=[], extra={"params": {"guidance": 3.0}})
+    write_manifest(layout.storage, layout.synthetic_variant("synthetic"), old)
+    with pytest.raises(ValueError, match="rename it to synthetic-w3"):
+        generate_variant(cfg, layout, "synthetic-w3")

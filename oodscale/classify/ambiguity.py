@@ -29,10 +29,12 @@ class AmbiguityFilter(LoadedClassifier):
     """Ray Data callable class: the plain classifier loaded once per actor."""
 
     def __init__(self, storage_root: str, classifier_dir: str, source_dir: str, dest_dir: str,
-                 tau: float, use_gpu: bool = False):
+                 tau: float, use_gpu: bool = False, image_format: str = "png",
+                 quality: int = 90):
         super().__init__(storage_root, classifier_dir, use_gpu)
         self.storage = open_storage(storage_root)
         self.source_dir, self.dest_dir, self.tau = source_dir, dest_dir, tau
+        self.image_format = (image_format, quality)
 
     def msp(self, images: np.ndarray) -> np.ndarray:
         """Max softmax probability of N×H×W×C uint8 images."""
@@ -49,12 +51,19 @@ class AmbiguityFilter(LoadedClassifier):
                                   "filter_model": self.card["run"]})
                     for (key, image, meta), p in zip(samples, scores, strict=True)
                     if p <= self.tau]
-            info = write_one_shard(self.storage, self.dest_dir, name, kept)
+            info = write_one_shard(self.storage, self.dest_dir, name, kept, *self.image_format)
             for key, value in (("path", info.path), ("count", info.count),
                                ("sha256", info.sha256), ("size", info.size),
                                ("total", len(samples))):
                 out[key].append(value)
         return out
+
+
+def _image_format(source: Manifest) -> dict[str, Any]:
+    """The filtered copy keeps its source's format (JPEG stays JPEG, at the same quality)."""
+    params = source.extra.get("params") or {}
+    return {"image_format": params.get("image_format", "png"),
+            "quality": params.get("jpeg_quality", 90)}
 
 
 def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifier_run: str,
@@ -83,7 +92,7 @@ def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifi
         fn_constructor_kwargs={"storage_root": storage.uri,
                                "classifier_dir": layout.classifier_dir(classifier_run),
                                "source_dir": source_dir, "dest_dir": dest_dir, "tau": tau,
-                               "use_gpu": use_gpu})
+                               "use_gpu": use_gpu, **_image_format(source)})
     results = rows.take_all()
     total = sum(int(r["total"]) for r in results)
     kept = sum(int(r["count"]) for r in results)
