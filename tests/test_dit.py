@@ -26,14 +26,14 @@ WNIDS = [f"n{i:08d}" for i in range(DIT_CLASSES)]
 ID_WNIDS = ["n00000002", "n00000007", "n00000011"]
 
 
-def tiny_dit(seed: int = 0) -> DiTGenerator:
+def tiny_dit(seed: int = 0, classes: int = DIT_CLASSES) -> DiTGenerator:
     """A random DiT (2 blocks, latent 4×8×8, learned sigma) and VAE (÷2): 16×16 RGB images."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=DIT_CLASSES)
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=classes)
     for block in transformer.transformer_blocks:  # adaLN-Zero starts at zero: wake it up
         torch.nn.init.normal_(block.norm1.linear.weight, std=0.2)
     torch.nn.init.normal_(transformer.proj_out_2.weight, std=0.2)
@@ -230,3 +230,26 @@ def test_a_run_with_the_old_synthetic_directory_is_told_to_rename_it(tmp_path):
     write_manifest(layout.storage, layout.synthetic_variant("synthetic"), old)
     with pytest.raises(ValueError, match="rename it to synthetic-w3"):
         generate_variant(cfg, layout, "synthetic-w3")
+
+
+@torch.no_grad()
+def test_guided_sampling_of_one_hot_labels_matches_diffusers_ditpipeline(tmp_path):
+    """The whole sampling path (noise, guidance against the null class, DDIM on the DiT's own
+    schedule, VAE decode) against diffusers' own DiTPipeline on integer labels."""
+    from diffusers import DiTPipeline
+
+    from oodscale.config import GenerateConfig
+    from oodscale.diffusion.sample import sample_images, scheduler_for
+
+    tiny_dit(classes=1000).save(tmp_path)  # DiTPipeline's null class is 1000, hard-coded
+    ours = DiTGenerator.from_directory(tmp_path)
+    gen = GenerateConfig(generator="dit", pretrained=str(tmp_path), sampler="ddim", steps=4,
+                         guidance=4.0)
+    pipe = DiTPipeline(transformer=_plain_dit(tmp_path), vae=ours.vae,
+                       scheduler=scheduler_for(ours, gen))
+    expected = pipe(class_labels=[3, 8], guidance_scale=4.0, num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+    got = sample_images(ours, one_hot(torch.tensor([3, 8]), 1000), 4.0,
+                        scheduler_for(ours, gen), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got.add(1).div(2).permute(0, 2, 3, 1),
+                               torch.from_numpy(expected), atol=1e-5, rtol=0)
