@@ -52,6 +52,7 @@ def _prepare(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
     sets = {f"id/{s}": layout.id_split(s) for s in splits}
     sets.update({f"ood/{n}": layout.ood_set(n)
                  for n in [*cfg.data.ood_sets, *(s.name for s in cfg.data.extra_ood)]})
+    sets.update({f"ood-val/{n}": layout.ood_val_set(n) for n in cfg.data.validation_ood_sets})
     manifests = {name: try_read_manifest(storage, d) for name, d in sets.items()}
     have = [f"{n} {m.num_samples}" for n, m in manifests.items() if m is not None]
     todo = [n for n, m in manifests.items() if m is None]
