@@ -253,3 +253,18 @@ def test_guided_sampling_of_one_hot_labels_matches_diffusers_ditpipeline(tmp_pat
                         scheduler_for(ours, gen), torch.Generator().manual_seed(0))
     torch.testing.assert_close(got.add(1).div(2).permute(0, 2, 3, 1),
                                torch.from_numpy(expected), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_one_hot_stays_exact_under_bf16_autocast(dit_dir):
+    """GPU actors sample under bf16 autocast: the mix must not drop to bf16 with it."""
+    plain, ours = _plain_dit(dit_dir), DiTGenerator.from_directory(dit_dir)
+    x, t = _inputs(2)
+    classes = torch.tensor([1, 9])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(x, timestep=t, class_labels=classes).sample[:, :4]
+        got = ours.predict_noise(x, t, ours.condition(one_hot(classes, DIT_CLASSES)))
+        embedder = ours.transformer.transformer_blocks[0].norm1.emb.class_embedder
+        mixed = embedder(ours.condition(torch.full((1, DIT_CLASSES), 1 / DIT_CLASSES)))
+    assert torch.equal(got, expected)
+    assert mixed.dtype == torch.float32  # the table's dtype, not autocast's
