@@ -18,3 +18,11 @@ def ray_cluster():
              runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory, ray_cluster):
+    """The clean tiny run (prepare, train-diffusion, generate) the fault tests compare with."""
+    from tests.faults import build_reference
+
+    return build_reference(tmp_path_factory.mktemp("clean"))
