@@ -12,6 +12,8 @@ shards; the threshold is the one `oodscale calibrate` stored beside the weights 
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from oodscale.classify.checkpoints import CARD
 from oodscale.data.builtin import resize
 from oodscale.data.sources import decode_image
 from oodscale.evaluate.calibration import ScoreReader, read_calibration
-from oodscale.runtime import open_storage
+from oodscale.runtime import Storage, open_storage
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -77,14 +80,27 @@ def training_images(images: Iterable[ImageLike] | np.ndarray, size: int, channel
     return np.stack(out)
 
 
+def validation_choice(storage: Storage, classifier_dir: str, loss: str) -> str | None:
+    """The primary score the report chose for `loss` on the validation sets alone
+    (eval/val_results.parquet), or None before evaluate has scored them."""
+    import pandas as pd
+
+    from oodscale.evaluate.report import primary_scores
+
+    path = f"{classifier_dir.rsplit('/', 2)[0]}/eval/val_results.parquet"
+    if not storage.exists(path):
+        return None
+    return primary_scores(pd.read_parquet(io.BytesIO(storage.read_bytes(path)))).get(loss)
+
+
 class Detector:
     """A finished, calibrated classifier with one score and its threshold."""
 
     def __init__(self, reader: ScoreReader, calibration: dict[str, Any], score: str,
-                 batch_size: int) -> None:
+                 batch_size: int, chosen: str = "asked for") -> None:
         self.reader, self.calibration, self.score_name = reader, calibration, score
         self.threshold = float(calibration["scores"][score]["threshold"])
-        self.batch_size = batch_size
+        self.batch_size, self.chosen = batch_size, chosen  # chosen: how the score was picked
         card = reader.classifier.card
         self.run, self.class_names = card["run"], card["class_names"]
         self.image_size, self.channels = card["image_size"], card["channels"]
@@ -93,18 +109,28 @@ class Detector:
     def load(cls, classifier_dir: str | Path, score: str | None = None,
              use_gpu: bool | None = None, batch_size: int = 256) -> Detector:
         """The classifier under `classifier_dir` (`<root>/<experiment>/classifiers/<run>`, a
-        local path or URI) with `score` (default: the one calibrated as default) on the GPU
-        when there is one."""
+        local path or URI) with `score`, on the GPU when there is one.
+
+        Without `score`: the report's primary score for the classifier's loss when evaluate
+        has chosen one on the validation sets, else the calibration's default
+        (`detector.score`).
+        """
         storage = open_storage(str(classifier_dir))
         calibration = read_calibration(storage, storage.base)
-        score = score or calibration["default_score"]
+        chosen = "asked for"
+        if score is None:
+            loss = json.loads(storage.read_bytes(f"{storage.base}/{CARD}"))["loss"]
+            score = validation_choice(storage, storage.base, loss)
+            chosen = f"the report's primary score for {loss}, chosen on the validation sets"
+            if score not in calibration["scores"]:
+                score, chosen = calibration["default_score"], "detector.score"
         if score not in calibration["scores"]:
             raise ValueError(f"score {score!r} has no calibrated threshold for "
                              f"{classifier_dir}; calibrated: {', '.join(calibration['scores'])} "
                              f"(add it to evaluate.scores and run `oodscale calibrate CONFIG`)")
         gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
         reader = ScoreReader(storage.uri, storage.base, [score], gpu, batch_size)
-        return cls(reader, calibration, score, batch_size)
+        return cls(reader, calibration, score, batch_size, chosen)
 
     def predict_prepared(self, batch: np.ndarray) -> Prediction:
         """`predict` for images already at the model's size (N×C×H×W uint8, as
@@ -128,7 +154,8 @@ class Detector:
     def describe(self) -> str:
         """How the threshold was set, in one line."""
         c = self.calibration
-        return (f"{self.run}, score {self.score_name}: OOD below {self.threshold:.4g}, set to "
+        return (f"{self.run}, score {self.score_name} ({self.chosen}): OOD below "
+                f"{self.threshold:.4g}, set to "
                 f"accept {100 * c['tpr_target']:.0f}% of {c['set_on']['images']} ID validation "
                 f"images ({c['set_on']['split']}; accepted "
                 f"{100 * c['scores'][self.score_name]['val_accepted']:.1f}%)")

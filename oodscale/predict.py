@@ -86,8 +86,8 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
     if not request.paths:
         raise ValueError("give at least one image file or folder to score")
     directory = resolve_run(cfg, layout, request.run)
-    detector = Detector.load(layout.storage.uri_of(directory), request.score or
-                             cfg.detector.score, batch_size=cfg.evaluate.batch_size)
+    detector = Detector.load(layout.storage.uri_of(directory), request.score,
+                             batch_size=cfg.evaluate.batch_size)
     out = Path(request.out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
     schema = pa.schema([("path", pa.string()), ("score", pa.float64()),

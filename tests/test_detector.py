@@ -141,6 +141,23 @@ def test_detector_keeps_its_tensors_on_the_device(experiment):
     np.testing.assert_allclose(simulated.score, plain.score, rtol=1e-5)
 
 
+@pytest.mark.integration
+def test_detector_defaults_to_the_score_the_validation_sets_chose(experiment, tmp_path):
+    from oodscale import Detector
+    from oodscale.evaluate.report import primary_scores
+
+    root, _ = experiment
+    chosen = primary_scores(pd.read_parquet(root / "digits" / "eval" / "val_results.parquet"))
+    detector = Detector.load(root / "digits" / "classifiers" / RUN)
+    assert detector.score_name == chosen["softmax"]
+    assert "chosen on the validation sets" in detector.describe()
+    # before evaluate has scored the validation sets: the calibration's default
+    copy = tmp_path / "digits" / "classifiers" / RUN
+    shutil.copytree(root / "digits" / "classifiers" / RUN, copy)
+    fallback = Detector.load(copy)
+    assert fallback.score_name == "energy" and "(detector.score)" in fallback.describe()
+
+
 def _images(folder: Path, digits: np.ndarray) -> None:
     """Digits and noise in assorted sizes and modes, some in a subfolder."""
     (folder / "sub").mkdir(parents=True)
@@ -168,8 +185,9 @@ def test_predict_scores_a_folder_of_any_images(experiment, tmp_path, capsys):
     rows = pd.read_csv(out)
     assert list(rows.columns) == ["path", "score", "is_ood", "pred"]
     assert len(rows) == 9 and rows["path"].str.endswith("notes.txt").sum() == 0
-    threshold = json.loads((root / "digits" / "classifiers" / RUN / "calibration.json"
-                            ).read_text())["scores"]["energy"]["threshold"]
+    from oodscale import Detector
+
+    threshold = Detector.load(root / "digits" / "classifiers" / RUN).threshold  # same default
     assert (rows["is_ood"] == (rows["score"] < threshold)).all()
     assert set(rows["pred"].astype(str)) <= set("012345")
     assert "flagged OOD" in capsys.readouterr().out

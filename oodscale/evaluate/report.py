@@ -138,7 +138,7 @@ def _bold(table: pd.DataFrame, best: pd.DataFrame | None) -> pd.DataFrame:
     return table if best is None else table.mask(best, "**" + table.astype(str) + "**")
 
 
-def _primary_scores(results: pd.DataFrame) -> dict[str, str]:
+def primary_scores(results: pd.DataFrame) -> dict[str, str]:
     """Per loss, the score with the lowest mean FPR95 over all its runs and OOD sets."""
     mean_fpr = results.groupby(["loss", "score_name"])["fpr95"].mean().reset_index()
     best = mean_fpr.sort_values(["loss", "fpr95", "score_name"]).groupby("loss").head(1)
@@ -307,7 +307,7 @@ def build_report(
     """
     plots_dir = os.path.join(out_dir, "plots")
     os.makedirs(plots_dir, exist_ok=True)
-    primary = _primary_scores(results if selection is None else selection)
+    primary = primary_scores(results if selection is None else selection)
     if selection is None:
         selected_on = ("the test sets themselves (this experiment has no validation sets: "
                        "prepare it with data.val_fraction > 0 and an OOD validation set), so "
