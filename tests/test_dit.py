@@ -268,3 +268,16 @@ def test_one_hot_stays_exact_under_bf16_autocast(dit_dir):
         mixed = embedder(ours.condition(torch.full((1, DIT_CLASSES), 1 / DIT_CLASSES)))
     assert torch.equal(got, expected)
     assert mixed.dtype == torch.float32  # the table's dtype, not autocast's
+
+
+def test_a_ddpm_config_refuses_a_run_whose_card_is_a_pretrained_dits(tmp_path):
+    from oodscale.diffusion.model import UNetGenerator
+    from oodscale.runtime import layout_for
+
+    cfg = load_config(CONFIG, [f"storage.root={tmp_path}"])
+    layout = layout_for(cfg)
+    card = {"generator": "dit", "source": "/models/dit", "model_hash": "0" * 16}
+    layout.storage.write_bytes_atomic(f"{layout.diffusion_dir}/model.json",
+                                      json.dumps(card).encode())
+    with pytest.raises(ValueError, match="own experiment name"):
+        UNetGenerator.model_card(cfg, layout)

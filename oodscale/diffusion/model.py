@@ -108,5 +108,11 @@ class UNetGenerator(Generator):
             raise FileNotFoundError(f"no trained DDPM at "
                                     f"{layout.storage.uri_of(layout.diffusion_dir)}: run "
                                     f"`oodscale train-diffusion` first")
-        return {"generator": "ddpm", "source": "train-diffusion",
+        card = {"generator": "ddpm", "source": "train-diffusion",
                 **json.loads(layout.storage.read_bytes(path))}
+        if card["generator"] != "ddpm":
+            raise ValueError(f"{layout.storage.uri_of(path)} is the card of the pretrained "
+                             f"{card['generator']} generator ({card.get('source')}), not of a "
+                             f"trained DDPM; give this config its own experiment name (a DDPM "
+                             f"and a {card['generator']} cannot share one run root)")
+        return card

@@ -20,7 +20,7 @@ from oodscale.data.shards import Manifest
 from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
 from oodscale.diffusion.generators import MODEL_CARD, content_hash
 from oodscale.diffusion.mixup import one_hot
-from oodscale.diffusion.model import LabelConditionedUNet
+from oodscale.diffusion.model import LabelConditionedUNet, UNetGenerator
 from oodscale.distributed import (
     copy_checkpoint,
     make_worker_accelerator,
@@ -110,7 +110,7 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     storage = layout.storage
     card_path = f"{layout.diffusion_dir}/{MODEL_CARD}"
     if storage.exists(card_path):
-        return json.loads(storage.read_bytes(card_path))
+        return UNetGenerator.model_card(cfg, layout)  # refuses a pretrained generator's card
     dataset, manifest = read_shards(storage, layout.id_split("train"))
     d = cfg.diffusion
     steps = steps_per_epoch(manifest.num_samples, d.batch_size, d.num_workers)
