@@ -190,6 +190,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
         global _LOCAL_RAY_STARTED
         _LOCAL_RAY_STARTED = True
         ray.init(
+            address="local",  # a new Ray even where `ray start` left one running
             num_cpus=cpus,
             object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
             include_dashboard=False,
