@@ -12,6 +12,8 @@ Every process it starts descends from it; the cluster is shut down at the end.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import threading
 import time
@@ -61,8 +63,15 @@ def main() -> None:
     from oodscale.cli import main as oodscale
 
     node_args = {"num_cpus": 3, "object_store_memory": 120 * 2**20}
+    # Ray Train's helper actors call ray.init() without an address; with the test session's own
+    # Ray also on this host that is ambiguous, so every process started here inherits this one.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     cluster = Cluster(initialize_head=True,
-                      head_node_args={**node_args, "include_dashboard": False})
+                      head_node_args={**node_args, "include_dashboard": False,
+                                      "gcs_server_port": port})
     for _ in range(2):
         cluster.add_node(**node_args)
     cluster.wait_for_nodes()
