@@ -133,9 +133,19 @@ def epoch_progress(desc: str, runs: int, epochs: int,
     done: dict[str, int] = {}
     stop = threading.Event()
     failed: list[BaseException] = []
+    lost: list[BaseException] = []
 
     def drain() -> None:
-        for item in ray.get(mailbox.take.remote()):
+        if lost:
+            return
+        try:
+            items = ray.get(mailbox.take.remote())
+        except ray.exceptions.RayActorError as err:  # the display is lost, not the stage
+            lost.append(err)
+            print(f"[oodscale] {desc}: progress display lost ({type(err).__name__}); the stage "
+                  "goes on", file=sys.stderr, flush=True)
+            return
+        for item in items:
             done[item.get("label", "")] = int(item.get("epoch", 0)) + 1
             bar.advance_to(sum(done.values()), _status(item))
             if on_epoch is not None:
@@ -166,13 +176,17 @@ def epoch_progress(desc: str, runs: int, epochs: int,
 
 
 def _open_mailbox():
-    """The named mailbox actor; the previous stage's may still be releasing the name."""
+    """The named mailbox actor, on the driver's own node: on any other node it would die with
+    that node (a node lost mid-stage). The previous stage's may still be releasing the name."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     deadline = time.monotonic() + 30
     while True:
         try:
-            return ray.remote(num_cpus=0)(_Mailbox).options(name=MAILBOX).remote()
+            return ray.remote(num_cpus=0)(_Mailbox).options(
+                name=MAILBOX, scheduling_strategy=here).remote()
         except ValueError:
             if time.monotonic() > deadline:
                 raise

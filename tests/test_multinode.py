@@ -45,9 +45,6 @@ def test_generate_loses_a_worker_node_and_finishes(tiny_reference, tmp_path):
     assert shard_bytes(root) == shard_bytes(tiny_reference)
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone and beside one other Ray test, but its "
-                   "train stage exits 1 late in the full suite (2 of 2 full runs, 2026-11-27); "
-                   "cause not found yet: see the stage output in the assertion message")
 def test_train_loses_a_worker_node_and_resumes_on_the_rest(tiny_reference, tmp_path):
     root, report = _run_on_three_nodes(tiny_reference, tmp_path, "train",
                                        ["data", "diffusion", "synthetic*"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from oodscale import progress
+from tests.procs import wait_for
 
 
 def test_bar_in_a_log_prints_lines_not_carriage_returns(capsys, monkeypatch):
@@ -50,3 +51,26 @@ def test_worker_epochs_reach_the_driver_in_order(ray_cluster):
     assert [i["epoch"] for i in seen if i["label"] == "a"] == [0, 1, 2]
     assert [i["loss"] for i in seen if i["label"] == "b"] == [1.0, 0.5]
     ray.get(worker.remote("late", 1))  # no stage open: nothing to publish to, no error
+
+
+@pytest.mark.integration
+def test_a_lost_mailbox_costs_the_display_not_the_stage(ray_cluster, capsys):
+    # a mailbox on a node that dies mid-stage used to fail a stage whose training had finished
+    ray = ray_cluster
+    with progress.epoch_progress("train", 1, 2):
+        mailbox = ray.get_actor(progress.MAILBOX)
+        owner = ray.get(mailbox.__ray_call__.remote(
+            lambda _: ray.get_runtime_context().get_node_id()))
+        ray.kill(mailbox)  # asynchronous: wait until calls to it fail
+        wait_for(lambda: _dead(ray, mailbox), "the killed mailbox to refuse calls", 60)
+    assert owner == ray.get_runtime_context().get_node_id()  # placed beside the driver
+    assert "train: progress display lost (ActorDiedError); the stage goes on" in (
+        capsys.readouterr().err)
+
+
+def _dead(ray, actor) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=5)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
