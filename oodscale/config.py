@@ -256,7 +256,8 @@ class TrainConfig(WorkerConfig):
     losses: list[LossName] = Field(default_factory=lambda: ["softmax", "arcface"])
     outliers: list[OutlierName] = Field(
         default_factory=lambda: ["none", "labelmix"],
-        description="none, noise, pixelmix, labelmix, labelmix-w<g>, each labelmix -filtered.")
+        description="none, noise, pixelmix, labelmix, labelmix-w<g>, each labelmix -filtered "
+                    "and +noise (half noise).")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     extra_cells: list[CellGroup] = Field(
         default_factory=list, description="Cells beyond losses x outliers, each group its own "

@@ -89,3 +89,17 @@ def test_pixelmix_source_refuses_one_class_data():
 def test_labelmix_pairs_have_provenance_fields_in_range():
     a, b = distinct_pairs(np.random.default_rng(1), 100, 6)
     assert ((0 <= a) & (a < 6) & (0 <= b) & (b < 6) & (a != b)).all()
+
+
+def test_labelmix_plus_noise_reads_the_labelmix_shards_and_adds_noise():
+    both = parse_source("labelmix-w1+noise", 3.0)
+    assert both.needs_generator and both.dirname == "synthetic-w1"
+    # one shard directory however many sources read it
+    assert [s.dirname for s in generator_sources(["labelmix+noise", "labelmix", "noise"], 3.0)
+            ] == ["synthetic-w3"]
+    synthetic = iter([{"image": torch.full((8, 1, 16, 16), 255, dtype=torch.uint8)}])
+    stream = OutlierStream("labelmix+noise", 8, 6, 0, "cpu", synthetic)
+    rows = stream.next(torch.zeros(4, 1, 16, 16), torch.arange(4))
+    assert rows.shape == (8, 1, 16, 16)
+    assert (rows[:4] == 1.0).all()  # the synthetic rows, as model input
+    assert (rows[4:] != 1.0).any() and rows[4:].min() >= -1 and rows[4:].max() <= 1
