@@ -54,9 +54,9 @@ BuiltinOOD = Literal[
     "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset", "digits"
 ]
 # Built-in sets with a validation counterpart disjoint from the test images: the open-set split
-# (held-out images the test set did not draw) and noise (another seed). Crops of the shipped
-# photos and textures would repeat the test sets' source images, so they have none.
-ValidationOOD = Literal["openset", "gaussian", "uniform", "rademacher", "blobs"]
+# and scikit-learn's digits (images the test set did not draw) and noise (another seed). Crops
+# of the shipped photos and textures would repeat the test sets' source images: they have none.
+ValidationOOD = Literal["openset", "digits", "gaussian", "uniform", "rademacher", "blobs"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 

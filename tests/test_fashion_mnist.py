@@ -11,10 +11,11 @@ import pytest
 
 from oodscale.classify.train import grid
 from oodscale.config import ConfigError, load_config
+from oodscale.data import builtin
 from oodscale.data.fashion_mnist import DEBIAN_PATH, fashion_splits, load_split, read_idx
 from oodscale.data.prepare import prepare
 from oodscale.data.shards import load_arrays, read_manifest
-from oodscale.runtime import layout_for
+from oodscale.runtime import derive_seed, layout_for
 
 FASHION = Path(__file__).resolve().parents[1] / "configs" / "fashion.yaml"
 
@@ -77,13 +78,24 @@ def test_prepare_writes_the_benchmark_splits(tmp_path):
     layout = layout_for(cfg)
     train = read_manifest(layout.storage, layout.id_split("train"))
     val = read_manifest(layout.storage, layout.id_split("val"))
-    assert train.num_samples + val.num_samples == 120 and train.image_size == 20
+    assert train.num_samples + val.num_samples == 120 and train.image_size == 16
     images, metas = load_arrays(layout.storage, layout.ood_set("digits"))
-    assert images.shape == (8, 20, 20, 1) and {m["label"] for m in metas} == {-1}
+    assert images.shape == (8, 16, 16, 1) and {m["label"] for m in metas} == {-1}
     assert read_manifest(layout.storage, layout.ood_set("openset")).extra["group"] == "near"
-    # The OOD validation sets are the open-set classes' training images and fresh noise only.
-    assert cfg.data.validation_ood_sets == ["openset"]
+    # The OOD validation sets: the open-set classes' training images, digits the test set did
+    # not draw (and fresh noise); no twin for crops of the shipped textures.
+    assert cfg.data.validation_ood_sets == ["openset", "digits"]
     assert read_manifest(layout.storage, layout.ood_val_set("openset")).num_samples == 8
+    assert read_manifest(layout.storage, layout.ood_val_set("digits")).num_samples == 8
+
+
+def test_digits_validation_images_are_never_test_images():
+    test, val = (builtin._digits_pick(300, 0, purpose) for purpose in ("ood", "ood-val"))
+    assert len(test) == len(val) == 300 and not set(test) & set(val)
+    order = np.random.default_rng(derive_seed(0, "ood", "digits")).permutation(1797)
+    assert np.array_equal(test, np.sort(order[:300]))  # the test draw is what it always was
+    with pytest.raises(ValueError, match="data.ood_samples"):
+        builtin._digits_pick(1000, 0, "ood-val")
 
 
 def test_the_benchmark_grid_and_its_checks():

@@ -86,6 +86,21 @@ def _digit_images() -> np.ndarray:
     return (load_digits().images * (255.0 / 16.0)).round().astype(np.uint8)
 
 
+def _digits_pick(n: int, seed: int, purpose: str) -> np.ndarray:
+    """Sorted indices of the `digits` OOD set: the test set's n, or for validation n of the
+    images the test set did not draw (disjoint: the same digits, never the same image)."""
+    order = np.random.default_rng(derive_seed(seed, "ood", "digits")).permutation(1797)
+    if purpose == "ood":
+        return np.sort(order[:n])
+    rest = order[n:]
+    if len(rest) < n:
+        raise ValueError(f"scikit-learn's 1,797 digits hold too few images for a {n}-image test "
+                         "set and a validation set beside it: lower data.ood_samples (at most "
+                         "898) or drop digits from data.val_ood_sets")
+    pick = np.random.default_rng(derive_seed(seed, purpose, "digits")).permutation(rest)
+    return np.sort(pick[:n])
+
+
 def _source_image(name: str) -> np.ndarray:
     if name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
@@ -140,7 +155,7 @@ def builtin_ood(name: str, n: int, size: int, channels: int, seed: int,
         "textures": lambda: crops(TEXTURES, n, size, channels, rng),
         "photos": lambda: crops(PHOTOS, n, size, channels, rng),
         "digits": lambda: np.stack([resize(im, size, channels) for im in
-                                    _digit_images()[np.sort(rng.permutation(1797)[:n])]]),
+                                    _digit_images()[_digits_pick(n, seed, purpose)]]),
     }
     if name in makers:
         return makers[name]()
