@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,11 @@ def make_accelerator(mixed_precision: str, use_gpu: bool):
 
 def run_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
                 datasets: dict[str, Any], workers: WorkerConfig, layout: RunLayout,
-                name: str):
-    """Fit a TorchTrainer; a rerun with the same name resumes from its last checkpoint."""
+                name: str, whole: Sequence[str] = ()):
+    """Fit a TorchTrainer; a rerun with the same name resumes from its last checkpoint.
+
+    The datasets named in `whole` reach every worker whole instead of split (the small ones a
+    worker keeps on its device and slices itself: `RankData`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -78,6 +81,8 @@ def run_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, A
             name=name, storage_path=layout.ray_train_dir, storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=1)),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[n for n in datasets if n not in whole]),
     )
     return trainer.fit()
 

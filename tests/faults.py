@@ -28,12 +28,25 @@ def args(root: Path) -> list[str]:
 
 
 def build_reference(root: Path) -> Path:
-    """The uninterrupted stages every interrupted one is compared with. Training is compared
-    with its own checkpoints instead: a resumed classifier is not bit-exact
-    (docs/operations.md)."""
-    for stage in ("prepare", "train-diffusion", "generate"):
+    """The uninterrupted stages every interrupted one is compared with, bit for bit: a resumed
+    classifier whose data is kept on the device skips the batches its checkpoint holds, so it
+    equals an uninterrupted one (docs/operations.md)."""
+    for stage in ("prepare", "train-diffusion", "generate", "train", "evaluate"):
         assert main([stage, *args(root)]) == 0, stage
     return root
+
+
+def weights(root: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(root / "digits" / "classifiers" / RUN / "model.safetensors"))
+
+
+def same_weights(root: Path, reference: Path) -> bool:
+    import torch
+
+    mine, theirs = weights(root), weights(reference)
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def listed(root: Path) -> list[dict]:

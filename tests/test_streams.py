@@ -14,9 +14,11 @@ from oodscale.runtime import open_storage
 pytestmark = pytest.mark.integration
 
 
-def _rows(ray, n: int):
-    return ray.data.from_items([{"image": np.full((1, 2, 2), i, dtype=np.uint8), "label": i}
-                                for i in range(n)]).iterator()
+def _rows(ray, n: int, reverse: bool = False):
+    # `order` as read_shards makes it: a fixed number per sample, unrelated to arrival order
+    items = [{"image": np.full((1, 2, 2), i, dtype=np.uint8), "label": i,
+              "order": (i * 7919) % 10007} for i in range(n)]
+    return ray.data.from_items(items[::-1] if reverse else items).iterator()
 
 
 def test_cached_rows_are_read_once_and_every_pass_is_a_permutation(ray_cluster):
@@ -30,6 +32,17 @@ def test_cached_rows_are_read_once_and_every_pass_is_a_permutation(ray_cluster):
     assert torch.equal(again, first_pass[:4])  # the order is the seed's alone
     batch = next(batches)
     assert torch.equal(batch["image"][:, 0, 0, 0].long(), batch["label"])  # rows stay whole
+
+
+def test_cached_ranks_share_out_the_rows_the_same_way_whatever_order_they_arrive_in(
+        ray_cluster):
+    ranks = [[RankData(_rows(ray_cluster, 20, reverse), "cpu", True, rank, 2)._load()["label"]
+              for rank in (0, 1)] for reverse in (False, True)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks, strict=True))  # arrival order: moot
+    mine, theirs = ranks[0]
+    assert len(mine) == len(theirs) == 10 and not set(mine.tolist()) & set(theirs.tolist())
+    with pytest.raises(ValueError, match="fewer rows than the 4 workers"):
+        RankData(_rows(ray_cluster, 3), "cpu", True, 3, 4)._load()
 
 
 def test_streamed_rows_continue_one_stream_across_cells(ray_cluster):

@@ -110,7 +110,9 @@ def classifier_loop(config: dict[str, Any]) -> None:
     t = cfg.train
     layout = RunLayout(open_storage(config["storage_root"]), cfg.name)
     accelerator = make_worker_accelerator(t, config["use_gpu"])
-    data = {name: RankData(ray.train.get_dataset_shard(name), accelerator.device, cached)
+    context = ray.train.get_context()
+    data = {name: RankData(ray.train.get_dataset_shard(name), accelerator.device, cached,
+                           context.get_world_rank(), context.get_world_size())
             for name, cached in config["cached"].items()}
     resume = _read_resume()
     for card in config["cards"]:
@@ -155,6 +157,8 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
         data[synthetic].batches(t.outlier_batch_size,
                                 derive_seed(card["seed"], card["run"], "syn", rank))
         if synthetic else None)
+    if start_epoch and all(data[name].cached for name in ("id", synthetic) if name):
+        skip_batches(id_batches, outliers, start_epoch * steps)
     for epoch in range(start_epoch, t.epochs):
         model.train()
         sums = torch.zeros(len(STEP_FIGURES), device=device)
@@ -189,6 +193,16 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
         print(f"[oodscale] trained {card['run']}", flush=True)
 
 
+def skip_batches(id_batches, outliers: OutlierStream, steps: int) -> None:
+    """Draw and drop the batches of the epochs a checkpoint already holds, so a resumed cell
+    trains on the batches an uninterrupted one would: with its data kept on the device, the
+    resumed classifier equals the uninterrupted one bit for bit. (Streamed data would have to
+    be read again to skip; there a resumed cell starts the stream afresh.)"""
+    for _ in range(steps):
+        batch = next(id_batches)
+        outliers.next(to_model_input(batch["image"]), batch["label"])
+
+
 def train_group(cfg: ExperimentConfig, layout: RunLayout, specs: list[RunSpec], id_data,
                 manifest: Manifest, outlier_sets: dict[str, tuple[Any, Manifest]],
                 name: str) -> None:
@@ -216,7 +230,7 @@ def train_group(cfg: ExperimentConfig, layout: RunLayout, specs: list[RunSpec], 
          "storage_root": layout.storage.uri, "steps_per_epoch": steps,
          "checkpoint_every": max(1, t.epochs // 3), "cached": cached,
          "outlier_data": outlier_data},
-        datasets, t, layout, name=name)
+        datasets, t, layout, name=name, whole=[n for n, kept in cached.items() if kept])
 
 
 def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, source: OutlierSource,

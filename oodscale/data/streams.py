@@ -10,6 +10,7 @@ window of full batches, which keeps the batch count exact.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +35,14 @@ def _decode_sample(sample: dict[str, Any], num_classes: int) -> dict[str, Any]:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has "
                          f"label {label}, outside [0, {num_classes}) of its manifest's classes; "
                          f"the shard does not belong to this manifest: rerun `oodscale prepare`")
-    return {"image": np.ascontiguousarray(image), "label": label}
+    return {"image": np.ascontiguousarray(image), "label": label, "order": sample_order(sample)}
+
+
+def sample_order(sample: dict[str, Any]) -> int:
+    """A fixed 63-bit number per sample (from its shard's name and its key): rows sorted by it
+    come in the same order however Ray Data's blocks arrive."""
+    name = f"{str(sample.get('__url__', '')).rsplit('/', 1)[-1]}/{sample.get('__key__')}"
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def read_shards(storage: Storage, directory: str, hint: str = "run `oodscale prepare`"):
@@ -87,33 +95,44 @@ def endless_batches(shard, batch_size: int, seed: int, device: torch.device | st
 
 
 def rows_fit_in_cache(manifest, num_workers: int, cache_mb: float) -> bool:
-    """Whether one worker's share of a shard set fits `cache_mb` as uint8 images."""
-    per_image = manifest.channels * manifest.image_size ** 2
-    return manifest.num_samples * per_image / num_workers <= cache_mb * 2**20
+    """Whether one worker's share of a shard set fits `cache_mb` as uint8 images (and the
+    whole set, which each worker reads once to pick its share, fits four times that)."""
+    size = manifest.num_samples * manifest.channels * manifest.image_size ** 2
+    return size / num_workers <= cache_mb * 2**20 and size <= 4 * cache_mb * 2**20
+
 
 
 class RankData:
     """This worker's rows of one dataset, as endless full batches on its device.
 
     Small datasets are read once, kept on the device (uint8) and reshuffled each pass, so a run
-    reads them once however many epochs and grid cells it trains. Large ones stream through one
-    endless iterator per worker, which every cell of the run continues, so no Ray Data split is
-    ever left half-read.
+    reads them once however many epochs and grid cells it trains. Every worker reads such a set
+    whole (`run_trainer`'s `whole`), sorts it by `sample_order` and keeps every `world`-th row
+    from its rank: which rows a rank trains on, and in what order, never depends on Ray Data's
+    timing, so training is reproducible bit for bit. Large ones stream through one endless
+    iterator per worker (Ray Train's split), which every cell of the run continues, so no split
+    is ever left half-read.
     """
 
-    def __init__(self, shard, device: torch.device | str, cached: bool) -> None:
+    def __init__(self, shard, device: torch.device | str, cached: bool, rank: int = 0,
+                 world: int = 1) -> None:
         self.shard, self.device, self.cached = shard, device, cached
+        self.rank, self.world = rank, world
         self._rows: dict[str, torch.Tensor] | None = None
         self._stream: Iterator[dict[str, torch.Tensor]] | None = None
         self._stream_batch_size = 0
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._rows is None:
-            parts = list(self.shard.iter_torch_batches(batch_size=1024, device=self.device))
+            parts = list(self.shard.iter_torch_batches(batch_size=1024))
             if not parts:
-                raise ValueError("this worker's data split is empty; lower the number of "
-                                 "workers or add data")
-            self._rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                raise ValueError("this dataset is empty; add data")
+            rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            mine = rows.pop("order").argsort()[self.rank::self.world]
+            if not len(mine):
+                raise ValueError(f"this dataset has fewer rows than the {self.world} workers; "
+                                 "lower the number of workers or add data")
+            self._rows = {k: v[mine].to(self.device) for k, v in rows.items()}
         return self._rows
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:

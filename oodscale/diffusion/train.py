@@ -70,7 +70,8 @@ def diffusion_loop(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(d.timesteps)
     num_classes = len(manifest.class_names)
     device = accelerator.device
-    batches = RankData(ray.train.get_dataset_shard("id"), device, config["cached"]).batches(
+    batches = RankData(ray.train.get_dataset_shard("id"), device, config["cached"],
+                       ctx.get_world_rank(), ctx.get_world_size()).batches(
         d.batch_size, derive_seed(cfg.seed, "diffusion-batches", ctx.get_world_rank()))
     steps = config["steps_per_epoch"]
     for epoch in range(start_epoch, d.epochs):
@@ -114,13 +115,14 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     dataset, manifest = read_shards(storage, layout.id_split("train"))
     d = cfg.diffusion
     steps = steps_per_epoch(manifest.num_samples, d.batch_size, d.num_workers)
+    cached = rows_fit_in_cache(manifest, d.num_workers, d.cache_mb)
     with epoch_progress("train-diffusion", 1, d.epochs, tracking.epoch_logger()):
         result = run_trainer(
             diffusion_loop,
             {"cfg": cfg.model_dump(), "manifest": manifest.to_json(), "steps_per_epoch": steps,
-             "checkpoint_every": max(1, d.epochs // 4),
-             "cached": rows_fit_in_cache(manifest, d.num_workers, d.cache_mb)},
-            {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion")
+             "checkpoint_every": max(1, d.epochs // 4), "cached": cached},
+            {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion",
+            whole=["id"] if cached else [])
     unet_dir = f"{layout.diffusion_dir}/unet"
     copy_checkpoint(result, layout, unet_dir)
     card = {"generator": "ddpm", "epochs": d.epochs, "final_loss": result.metrics.get("loss"),
