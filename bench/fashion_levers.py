@@ -32,8 +32,9 @@ NOISE = {"gaussian", "uniform", "rademacher", "blobs"}
 # lever -> (outlier source, overrides, whether it draws its own synthetic shards)
 LEVERS: dict[str, tuple[str, list[str], bool]] = {
     "oe1": ("labelmix", ["train.lambda_oe=1.0"], False),
-    "oe0.25": ("labelmix", ["train.lambda_oe=0.25"], False),
+    "oe025": ("labelmix", ["train.lambda_oe=0.25"], False),
     "noise": ("labelmix+noise", [], False),
+    "pixelmix": ("labelmix+pixelmix", [], False),
     "lam-uniform": ("labelmix", ["generate.lam={kind: uniform, low: 0.2, high: 0.8}"], True),
     "sum": ("labelmix", ["generate.mode=sum"], True),
 }

@@ -257,7 +257,7 @@ class TrainConfig(WorkerConfig):
     outliers: list[OutlierName] = Field(
         default_factory=lambda: ["none", "labelmix"],
         description="none, noise, pixelmix, labelmix, labelmix-w<g>, each labelmix -filtered "
-                    "and +noise (half noise).")
+                    "and +noise / +pixelmix (half each).")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     extra_cells: list[CellGroup] = Field(
         default_factory=list, description="Cells beyond losses x outliers, each group its own "

@@ -83,12 +83,12 @@ def labelmix_batch(stream: OutlierStream) -> torch.Tensor:
     return to_model_input(next(stream.synthetic)["image"])
 
 
-def labelmix_and_noise(stream: OutlierStream, x: torch.Tensor) -> torch.Tensor:
-    """Half label-mixup rows, half noise: blends alone teach the network to doubt blends,
-    not everything unlike the ID data (far-OOD got worse with them on Fashion-MNIST)."""
+def half_labelmix(stream: OutlierStream, rest: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Half label-mixup rows, the other half `rest(n)` from a source drawn on the fly: blends
+    alone teach the network to doubt blends, not everything unlike the ID data (far-OOD got
+    worse with them on Fashion-MNIST)."""
     half = stream.count // 2
-    noise = noise_outliers((stream.count - half, *x.shape[1:]), stream.generator)
-    return torch.cat([labelmix_batch(stream)[:half], noise])
+    return torch.cat([labelmix_batch(stream)[:half], rest(stream.count - half)])
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,13 @@ SOURCES: dict[str, SourceFamily] = {
     "labelmix+noise": SourceFamily(
         r"labelmix(?:-w(?P<w>\d+(?:\.\d+)?))?(?P<filtered>-filtered)?\+noise",
         "labelmix[-w<guidance>][-filtered]+noise (half each)", True,
-        lambda s, x, y: labelmix_and_noise(s, x)),
+        lambda s, x, y: half_labelmix(
+            s, lambda n: noise_outliers((n, *x.shape[1:]), s.generator))),
+    "labelmix+pixelmix": SourceFamily(
+        r"labelmix(?:-w(?P<w>\d+(?:\.\d+)?))?(?P<filtered>-filtered)?\+pixelmix",
+        "labelmix[-w<guidance>][-filtered]+pixelmix (half each)", True,
+        lambda s, x, y: half_labelmix(s, lambda n: pixelmix_outliers(x, y, n, s.generator)),
+        min_classes=2),
 }
 
 

@@ -103,3 +103,12 @@ def test_labelmix_plus_noise_reads_the_labelmix_shards_and_adds_noise():
     assert rows.shape == (8, 1, 16, 16)
     assert (rows[:4] == 1.0).all()  # the synthetic rows, as model input
     assert (rows[4:] != 1.0).any() and rows[4:].min() >= -1 and rows[4:].max() <= 1
+
+
+def test_labelmix_plus_pixelmix_mixes_the_batch_for_its_second_half():
+    synthetic = iter([{"image": torch.full((6, 1, 4, 4), 255, dtype=torch.uint8)}])
+    stream = OutlierStream("labelmix+pixelmix", 6, 2, 0, "cpu", synthetic)
+    x, y = torch.stack([torch.full((1, 4, 4), -1.0), torch.full((1, 4, 4), 0.5)]), torch.arange(2)
+    rows = stream.next(x, y)
+    assert (rows[:3] == 1.0).all() and torch.allclose(rows[3:], torch.full((3, 1, 4, 4), -0.25))
+    assert parse_source("labelmix+pixelmix", 3.0).dirname == "synthetic-w3"
