@@ -4,9 +4,10 @@
     .venv/bin/python bench/fashion_levers.py table --loss arcface
 
 `run` trains one loss with label-mixup OE under each lever (a set of config overrides) for the
-config's seeds, in its own experiment `runs/fashion-<lever>`. That root shares, by hard links,
-the main benchmark's prepared data and DDPM, and its synthetic shards where the lever leaves
-generation alone; `oodscale run` then draws what is missing, trains, calibrates and evaluates.
+config's seeds, in its own experiment `runs/fashion-<loss>-<lever>`. That root shares, by hard
+links, the main benchmark's prepared data and DDPM, and its synthetic shards where the lever
+leaves generation alone; `oodscale run` then draws what is missing, trains, calibrates and
+evaluates.
 
 `table` prints, for softmax without OE, the loss with default label-mixup OE (both from the main
 benchmark `runs/fashion`) and every lever run, the mean FPR95 over seeds on the validation sets
@@ -51,14 +52,18 @@ def _link_tree(source: Path, target: Path) -> None:
                 os.link(path, dest)
 
 
+def lever_name(loss: str, lever: str) -> str:
+    return f"{MAIN}-{loss}-{lever}"
+
+
 def run_lever(root: Path, name: str, loss: str) -> int:
     source, overrides, draws = LEVERS[name]
-    main, lever = root / MAIN, root / f"{MAIN}-{name}"
+    main, lever = root / MAIN, root / lever_name(loss, name)
     shared = ["data", "diffusion"] + ([] if draws else ["synthetic-w3"])
     for part in shared:
         _link_tree(main / part, lever / part)
     command = [str(Path(sys.executable).parent / "oodscale"), "run", CONFIG,
-               f"name={MAIN}-{name}", f"storage.root={root}", f"train.losses=[{loss}]",
+               f"name={lever_name(loss, name)}", f"storage.root={root}", f"train.losses=[{loss}]",
                f"train.outliers=[{source}]", "train.extra_cells=[]", *overrides]
     print("$", " ".join(command), flush=True)
     return subprocess.run(command, check=False).returncode
@@ -98,7 +103,7 @@ def table(root: Path, loss: str) -> str:
             _row(f"{loss}, label-mixup (default)",
                  *_frames(root / MAIN / "eval", loss, "labelmix"))]
     for name, (source, overrides, _) in LEVERS.items():
-        eval_dir = root / f"{MAIN}-{name}" / "eval"
+        eval_dir = root / lever_name(loss, name) / "eval"
         if (eval_dir / "val_results.parquet").exists():
             rows.append(_row(f"{loss}, {source} {' '.join(overrides)}".strip(),
                              *_frames(eval_dir, loss, source)))
