@@ -191,10 +191,10 @@ def _save(fig: Figure, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _grid(n: int) -> tuple[Figure, list]:
-    cols = min(n, 3)
+def _grid(n: int, cols: int = 3, panel: tuple[float, float] = (4.2, 3.4)) -> tuple[Figure, list]:
+    cols = min(n, cols)
     rows = -(-n // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    fig = Figure(figsize=(panel[0] * cols, panel[1] * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -242,7 +242,10 @@ def _bar_plot(results: pd.DataFrame, primary: dict[str, str], path: str) -> None
     losses = sorted(chosen["loss"].unique())
     settings = sorted(chosen["outliers"].unique(), key=lambda s: (s != "none", s))
     width = 0.8 / len(settings)
-    fig, axes = _grid(len(present))
+    bars_per_panel = len(losses) * len(settings)
+    # many bars: the panels one above the other, each wide enough for every bar
+    fig, axes = (_grid(len(present), 1, (max(8.0, 0.3 * bars_per_panel), 3.6))
+                 if bars_per_panel > 12 else _grid(len(present)))
     for ax, group in zip(axes, present, strict=True):
         per_run = chosen[chosen["group"] == group].groupby(["loss", "outliers", "run"])["fpr95"]
         stats = per_run.mean().groupby(["loss", "outliers"]).agg(
@@ -254,10 +257,10 @@ def _bar_plot(results: pd.DataFrame, primary: dict[str, str], path: str) -> None
             errs = [stats["std"].get(k, 0.0) for k in keys]
             xs = np.arange(len(losses)) + (i - (len(settings) - 1) / 2) * width
             bars = ax.bar(xs, heights, width, yerr=errs, capsize=2, label=f"outliers={setting}")
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+            ax.bar_label(bars, fmt="%.1f", fontsize=6 if bars_per_panel > 12 else 7)
         ax.set_xticks(np.arange(len(losses)), [f"{lo}\n({primary[lo]})" for lo in losses])
         ax.set(title=f"{group}-OOD", ylabel="FPR95 (%) ↓")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save(fig, path)
 
 
