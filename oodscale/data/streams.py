@@ -101,7 +101,6 @@ def rows_fit_in_cache(manifest, num_workers: int, cache_mb: float) -> bool:
     return size / num_workers <= cache_mb * 2**20 and size <= 4 * cache_mb * 2**20
 
 
-
 class RankData:
     """This worker's rows of one dataset, as endless full batches on its device.
 
