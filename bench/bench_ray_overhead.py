@@ -50,6 +50,7 @@ from oodscale.data.shards import (  # noqa: E402
     ShardInfo,
     load_arrays,
     shard_name,
+    try_read_manifest,
     write_manifest,
     write_shard,
 )
@@ -126,7 +127,10 @@ def write_id_shards(layout, copies: int, rng: np.random.Generator) -> Manifest:
 
 
 def write_ddpm(layout, cfg: ExperimentConfig) -> dict:
-    """A random-weight DDPM of the config's shape, saved as train-diffusion would."""
+    """A random-weight DDPM of the config's shape, saved as train-diffusion would (beside the
+    ID training shards it would have read: generate maps its class names through them)."""
+    if try_read_manifest(layout.storage, layout.id_split("train")) is None:
+        write_id_shards(layout, 1, np.random.default_rng(0))
     torch.manual_seed(0)
     d = cfg.diffusion
     model = LabelConditionedUNet(6, 16, 1, tuple(d.block_out_channels), d.layers_per_block)
