@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,11 +58,12 @@ def make_accelerator(mixed_precision: str, use_gpu: bool):
 
 def run_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
                 datasets: dict[str, Any], workers: WorkerConfig, layout: RunLayout,
-                name: str, whole: Sequence[str] = ()):
+                name: str, cached: dict[str, bool]):
     """Fit a TorchTrainer; a rerun with the same name resumes from its last checkpoint.
 
-    The datasets named in `whole` reach every worker whole instead of split (the small ones a
-    worker keeps on its device and slices itself: `RankData`)."""
+    `cached` says which datasets are small enough to keep on a worker (the loop sees it as
+    `config["cached"]`): those reach every worker whole instead of split, and the worker
+    slices its own rows (`RankData`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -73,7 +74,7 @@ def run_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, A
     storage = layout.storage
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "use_gpu": use_gpu},
+        train_loop_config={**loop_config, "cached": cached, "use_gpu": use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -82,7 +83,7 @@ def run_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, A
             failure_config=ray.train.FailureConfig(max_failures=1)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=[n for n in datasets if n not in whole]),
+            datasets_to_split=[n for n in datasets if not cached.get(n)]),
     )
     return trainer.fit()
 

@@ -102,6 +102,8 @@ class SourceFamily:
     min_classes: int = 1
 
 
+# a label-mixup name: its guidance `w` and the filter flag, for every family drawn from shards
+LABELMIX = r"labelmix(?:-w(?P<w>\d+(?:\.\d+)?))?(?P<filtered>-filtered)?"
 SOURCES: dict[str, SourceFamily] = {
     "none": SourceFamily(r"none", "none", False, lambda s, x, y: None),
     "noise": SourceFamily(r"noise", "noise", False,
@@ -110,17 +112,15 @@ SOURCES: dict[str, SourceFamily] = {
                              lambda s, x, y: pixelmix_outliers(x, y, s.count, s.generator),
                              min_classes=2),
     "labelmix": SourceFamily(
-        r"labelmix(?:-w(?P<w>\d+(?:\.\d+)?))?(?P<filtered>-filtered)?",
-        "labelmix[-w<guidance>][-filtered] (e.g. labelmix-w1-filtered)", True,
+        LABELMIX, "labelmix[-w<guidance>][-filtered] (e.g. labelmix-w1-filtered)", True,
         lambda s, x, y: labelmix_batch(s)),
     "labelmix+noise": SourceFamily(
-        r"labelmix(?:-w(?P<w>\d+(?:\.\d+)?))?(?P<filtered>-filtered)?\+noise",
-        "labelmix[-w<guidance>][-filtered]+noise (half each)", True,
+        LABELMIX + r"\+noise", "labelmix[-w<guidance>][-filtered]+noise (half each)", True,
         lambda s, x, y: half_labelmix(
             s, lambda n: noise_outliers((n, *x.shape[1:]), s.generator))),
     "labelmix+pixelmix": SourceFamily(
-        r"labelmix(?:-w(?P<w>\d+(?:\.\d+)?))?(?P<filtered>-filtered)?\+pixelmix",
-        "labelmix[-w<guidance>][-filtered]+pixelmix (half each)", True,
+        LABELMIX + r"\+pixelmix", "labelmix[-w<guidance>][-filtered]+pixelmix (half each)",
+        True,
         lambda s, x, y: half_labelmix(s, lambda n: pixelmix_outliers(x, y, n, s.generator)),
         min_classes=2),
 }

@@ -228,9 +228,8 @@ def train_group(cfg: ExperimentConfig, layout: RunLayout, specs: list[RunSpec], 
         classifier_loop,
         {"cfg": cfg.model_dump(), "cards": [_card(cfg, s, manifest) for s in specs],
          "storage_root": layout.storage.uri, "steps_per_epoch": steps,
-         "checkpoint_every": max(1, t.epochs // 3), "cached": cached,
-         "outlier_data": outlier_data},
-        datasets, t, layout, name=name, whole=[n for n, kept in cached.items() if kept])
+         "checkpoint_every": max(1, t.epochs // 3), "outlier_data": outlier_data},
+        datasets, t, layout, name=name, cached=cached)
 
 
 def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, source: OutlierSource,

@@ -106,7 +106,7 @@ class RankData:
 
     Small datasets are read once, kept on the device (uint8) and reshuffled each pass, so a run
     reads them once however many epochs and grid cells it trains. Every worker reads such a set
-    whole (`run_trainer`'s `whole`), sorts it by `sample_order` and keeps every `world`-th row
+    whole (`run_trainer`'s `cached`), sorts it by `sample_order` and keeps every `world`-th row
     from its rank: which rows a rank trains on, and in what order, never depends on Ray Data's
     timing, so training is reproducible bit for bit. Large ones stream through one endless
     iterator per worker (Ray Train's split), which every cell of the run continues, so no split

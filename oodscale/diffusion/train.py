@@ -70,7 +70,7 @@ def diffusion_loop(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(d.timesteps)
     num_classes = len(manifest.class_names)
     device = accelerator.device
-    batches = RankData(ray.train.get_dataset_shard("id"), device, config["cached"],
+    batches = RankData(ray.train.get_dataset_shard("id"), device, config["cached"]["id"],
                        ctx.get_world_rank(), ctx.get_world_size()).batches(
         d.batch_size, derive_seed(cfg.seed, "diffusion-batches", ctx.get_world_rank()))
     steps = config["steps_per_epoch"]
@@ -115,14 +115,13 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     dataset, manifest = read_shards(storage, layout.id_split("train"))
     d = cfg.diffusion
     steps = steps_per_epoch(manifest.num_samples, d.batch_size, d.num_workers)
-    cached = rows_fit_in_cache(manifest, d.num_workers, d.cache_mb)
     with epoch_progress("train-diffusion", 1, d.epochs, tracking.epoch_logger()):
         result = run_trainer(
             diffusion_loop,
             {"cfg": cfg.model_dump(), "manifest": manifest.to_json(), "steps_per_epoch": steps,
-             "checkpoint_every": max(1, d.epochs // 4), "cached": cached},
+             "checkpoint_every": max(1, d.epochs // 4)},
             {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion",
-            whole=["id"] if cached else [])
+            cached={"id": rows_fit_in_cache(manifest, d.num_workers, d.cache_mb)})
     unet_dir = f"{layout.diffusion_dir}/unet"
     copy_checkpoint(result, layout, unet_dir)
     card = {"generator": "ddpm", "epochs": d.epochs, "final_loss": result.metrics.get("loss"),
