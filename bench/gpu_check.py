@@ -16,7 +16,9 @@ autocast, as the sampling actors run it),
 a DDPM training step, one OE training step (`oe_step`, bf16 through Accelerate) of wrn40_2,
 resnet50@64 and resnet50@224 and of every loss head, the evaluation forward (fp32 and bf16) and
 kNN / Mahalanobis fitting and scoring. Sampling is timed over a few denoising steps and reported
-per 50 steps (the step cost does not depend on the step index).
+per 50 steps (the step cost does not depend on the step index). Then the levers of issue 8, each
+beside its row: NCHW instead of channels-last classifier weights, a channels-last UNet, larger
+batches, and torch.compile of the wrn40_2 OE step (last: it compiles for tens of seconds).
 
 It prints one Markdown table headed by the card's name (and writes it to --out), and exits 1 when
 any case failed, 2 when there is no CUDA GPU. Sized to finish in about 5 minutes on one H100.
@@ -173,11 +175,16 @@ def unet_for(name: str) -> tuple[LabelConditionedUNet, int, int]:
 
 
 def sampling_case(name: str, guidance: float, timed_steps: int, sampler: str = "ddim",
-                  total_steps: int = DDIM_STEPS) -> Row:
+                  total_steps: int = DDIM_STEPS, channels_last: bool = False,
+                  batch_scale: int = 1) -> Row:
+    """Guided sampling as an actor runs it; `channels_last` (UNet weights NHWC) and
+    `batch_scale` (× the config's batch) are levers the actors do not use yet."""
     model, classes, batch = unet_for(name)
-    batch, timed_steps = RUN.batch(batch), 1 if RUN.smoke else timed_steps
+    batch, timed_steps = RUN.batch(batch * batch_scale), 1 if RUN.smoke else timed_steps
     device = RUN.device
     model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     labels = torch.full((batch, classes), 0.0)
     labels[:, 0], labels[:, 1] = 0.5, 0.5
     generator = torch.Generator().manual_seed(0)
@@ -188,8 +195,10 @@ def sampling_case(name: str, guidance: float, timed_steps: int, sampler: str = "
                           make_sampler(sampler, 1000, timed_steps), generator, device)
 
     per_step_images = synced_rate(run, batch * timed_steps, warmup=1, max_iters=3)
+    lever = ", channels-last UNet" if channels_last else ""
     return Row(f"sampling: {name} UNet", f"{sampler}, guidance {guidance:g}, batch {batch}, "
-               "bf16", f"{per_step_images / total_steps:,.1f} samples/s at {total_steps} steps")
+               f"bf16{lever}", f"{per_step_images / total_steps:,.1f} samples/s at "
+               f"{total_steps} steps")
 
 
 def dit_xl2(smoke: bool):
@@ -282,11 +291,29 @@ def ddpm_train_case(name: str, batch: int) -> Row:
                f"{synced_rate(step, batch):,.0f} images/s")
 
 
+def layout_note(nchw: bool, compiled: bool = False) -> str:
+    """The levers a row turns off (NCHW weights) or on (torch.compile), for its setting."""
+    return (", NCHW" if nchw else "") + (", torch.compile" if compiled else "")
+
+
+def compiled_model(model):
+    """torch.compile with inductor on the GPU; the eager backend under --smoke, which traces
+    the same graph without a compiler toolchain."""
+    return torch.compile(model, backend="eager" if RUN.smoke else "inductor")
+
+
 def oe_case(backbone: str, size: int, channels: int, classes: int, dim: int, n_id: int,
-            n_out: int, loss: str = "arcface") -> Row:
+            n_out: int, loss: str = "arcface", nchw: bool = False,
+            compiled: bool = False) -> Row:
+    """One OE step as the workers run it (channels-last weights, bf16); `nchw` turns the
+    channels-last lever off, `compiled` turns torch.compile on."""
     n_id, n_out, device = RUN.batch(n_id), RUN.batch(n_out), RUN.device
     accelerator = fresh_accelerator("bf16")
     model = build_classifier(backbone, loss, channels, size, classes, dim).train()
+    if nchw:
+        model = model.to(memory_format=torch.contiguous_format)
+    if compiled:
+        model = compiled_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     x = torch.rand(n_id, channels, size, size, device=device) * 2 - 1
@@ -297,13 +324,15 @@ def oe_case(backbone: str, size: int, channels: int, classes: int, dim: int, n_i
         oe_step(model, optimizer, accelerator, x, y, outliers, 0.5)
 
     return Row(f"OE train step: {backbone}@{size}, {loss}",
-               f"bf16, {n_id} ID + {n_out} outliers", f"{synced_rate(step, n_id + n_out):,.0f} "
-               "rows/s")
+               f"bf16, {n_id} ID + {n_out} outliers{layout_note(nchw, compiled)}",
+               f"{synced_rate(step, n_id + n_out, warmup=3 if compiled else 2):,.0f} rows/s")
 
 
-def eval_case(precision: str, batch: int = 1024) -> Row:
+def eval_case(precision: str, batch: int = 1024, nchw: bool = False) -> Row:
     batch, device = RUN.batch(batch), RUN.device
     model = build_classifier("wrn40_2", "arcface", 3, 32, 10, 128).to(device).eval()
+    if nchw:
+        model = model.to(memory_format=torch.contiguous_format)
     x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -312,7 +341,7 @@ def eval_case(precision: str, batch: int = 1024) -> Row:
                                              enabled=precision == "bf16"):
             model.embed_and_logits(x)
 
-    return Row("evaluate forward: wrn40_2@32", f"{precision}, batch {batch}",
+    return Row("evaluate forward: wrn40_2@32", f"{precision}, batch {batch}{layout_note(nchw)}",
                f"{synced_rate(forward, batch):,.0f} images/s")
 
 
@@ -356,6 +385,21 @@ def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
                 cifar.outlier_batch_size, loss)))
     cases += [("eval fp32", lambda: eval_case("fp32")), ("eval bf16", lambda: eval_case("bf16")),
               ("knn/mahalanobis", knn_mahalanobis_case)]
+    # Levers (issue 8): each against its row above, same card, same run; compile rows last,
+    # as they spend tens of seconds compiling before they time anything.
+    wrn = ("wrn40_2", 32, 3, 10, cifar.embedding_dim, cifar.batch_size,
+           cifar.outlier_batch_size)
+    cases += [
+        ("oe wrn40_2 NCHW", lambda: oe_case(*wrn, nchw=True)),
+        ("oe resnet50@224 NCHW", lambda: oe_case("resnet50", 224, 3, 1000,
+                                                 imagenet.embedding_dim, 128, 128, nchw=True)),
+        ("eval bf16 NCHW", lambda: eval_case("bf16", nchw=True)),
+        ("eval bf16 batch 4096", lambda: eval_case("bf16", batch=4096)),
+        ("sampling cifar10 channels-last", lambda: sampling_case("cifar10", 3.0, 5,
+                                                                 channels_last=True)),
+        ("sampling cifar10 batch x2", lambda: sampling_case("cifar10", 3.0, 5, batch_scale=2)),
+        ("oe wrn40_2 compiled", lambda: oe_case(*wrn, compiled=True)),
+    ]
     return cases
 
 

@@ -97,3 +97,23 @@ def test_head_options_reach_the_head() -> None:
         "smallcnn", "cosface", 1, 16, NUM_CLASSES, DIM, head_options={"scale": 8.0}
     )
     assert model.head.loss.scale == 8.0
+
+
+@pytest.mark.parametrize(("name", "channels", "size"),
+                         [("smallcnn", 1, 16), ("resnet18", 3, 32), ("wrn40_2", 3, 32)])
+def test_classifiers_are_channels_last_and_compute_what_nchw_does(name: str, channels: int,
+                                                                   size: int) -> None:
+    """The NHWC weights (the faster layout) change no result beyond float rounding, and an
+    ordinary NCHW batch needs no conversion by the caller."""
+    torch.manual_seed(0)
+    model = build_classifier(name, "arcface", channels, size, NUM_CLASSES, DIM).eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    nchw = build_classifier(name, "arcface", channels, size, NUM_CLASSES, DIM).eval()
+    nchw.load_state_dict(model.state_dict())
+    nchw = nchw.to(memory_format=torch.contiguous_format)
+    images = torch.rand(4, channels, size, size) * 2 - 1
+    with torch.no_grad():
+        fast, plain = model.embed_and_logits(images), nchw.embed_and_logits(images)
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
