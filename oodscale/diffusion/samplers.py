@@ -28,7 +28,12 @@ def make_sampler(kind: str, timesteps: int, steps: int, **schedule: Any):
     class_name, options = SAMPLERS[kind]
     scheduler_cls = getattr(diffusers, class_name)
     accepted = inspect.signature(scheduler_cls.__init__).parameters
-    given = {"beta_schedule": "squaredcos_cap_v2", **schedule, **options}
+    given = {"beta_schedule": "squaredcos_cap_v2", "clip_sample": True, **schedule, **options}
+    if "clip_sample" not in accepted and "thresholding" in accepted:
+        # DPM-Solver++ has no clip_sample; its dynamic thresholding capped at 1 is the same
+        # clip of the predicted x0 to [-1, 1] that DDPM and DDIM make every step. Without it,
+        # guided pixel-space samples overshoot and the outliers differ from DDIM's.
+        given.update(thresholding=given["clip_sample"], sample_max_value=1.0)
     scheduler = scheduler_cls(num_train_timesteps=timesteps,
                               **{k: v for k, v in given.items() if k in accepted})
     scheduler.set_timesteps(min(steps, timesteps))
