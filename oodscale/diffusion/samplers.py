@@ -9,9 +9,12 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     # name: (diffusers scheduler class, its options); the config validates against this table
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),  # η = 0: deterministic given the initial noise
-    # DPM-Solver++ (2nd-order multistep): comparable samples in 15-25 steps instead of 50
+    # DPM-Solver++ (2nd-order multistep) in 15-25 steps instead of 50, on DDIM's time grid
+    # ("leading": it starts below t = T-1, where the cosine schedule's x0 estimate blows up);
+    # on the digits benchmark its mean FPR95 shift fell from 2.4 to 1.4 points (benchmarks.md)
     "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++",
-                                                  "solver_order": 2}),
+                                                  "solver_order": 2,
+                                                  "timestep_spacing": "leading"}),
 }
 
 
