@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_ray_overhead.py             # ~8 min on 2 cores; appends to
                                                              # docs/benchmarks.md
     .venv/bin/python bench/bench_ray_overhead.py --no-write  # print only
+    .venv/bin/python bench/bench_ray_overhead.py --no-write --cases training  # (b) alone, ~2 min
 
 (a) generation: the generate stage (Ray Data, one sampling actor) against a plain loop in this
     process calling the same `ShardSampler` on the same shards and drawing the same grid;
@@ -285,10 +286,17 @@ def bench_memory(tmp: Path) -> list[str]:
     return rows
 
 
+CASES: dict[str, Callable[[Path, int], list[str]]] = {
+    "generation": bench_generation, "training": bench_training,
+    "memory": lambda tmp, _rounds: bench_memory(tmp)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                        help="which of (a) generation, (b) training, (c) memory to run")
     args = parser.parse_args(argv)
     import ray
 
@@ -299,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [*bench_generation(Path(tmp), args.rounds),
-                *bench_training(Path(tmp), args.rounds), *bench_memory(Path(tmp))]
+        rows = [row for case in args.cases for row in CASES[case](Path(tmp), args.rounds)]
     ray.shutdown()
     cmd = "bench/bench_ray_overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [
