@@ -216,6 +216,9 @@ class GenerateConfig(_Section):
     sampler: str = Field("ddim", description="ddim, ddpm or dpmsolver (DPM-Solver++, 15-25 "
                                              "steps); see oodscale/diffusion/samplers.py")
     steps: int = Field(50, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="Sampling precision: auto = bf16 where the device computes it "
+                            "natively (GPUs, CPUs with AVX-512 BF16 or AMX), fp32 elsewhere.")
     batch_size: int = Field(256, ge=1)
     concurrency: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0.0)

@@ -28,6 +28,17 @@ def worker_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def computes_bf16_natively(device: torch.device) -> bool:
+    """Whether bf16 matmuls/convolutions run in hardware here: CUDA GPUs from Ampere on, CPUs
+    with AVX-512 BF16 or AMX (oneDNN's check). Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check and check())
+    return False
+
+
 def device_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A random generator on `device`, so step-time noise is drawn where it is used."""
     return torch.Generator(device=device).manual_seed(seed)

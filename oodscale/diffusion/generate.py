@@ -54,6 +54,8 @@ def _generation_params(cfg: ExperimentConfig, card: dict[str, Any],
                       jpeg_quality=gen.jpeg_quality)
     elif gen.image_format != "png":
         params.update(image_format=gen.image_format, jpeg_quality=gen.jpeg_quality)
+    if gen.mixed_precision != "auto":  # a key runs from before the option never had
+        params.update(mixed_precision=gen.mixed_precision)
     return params
 
 
@@ -180,7 +182,7 @@ def draw_grid(storage_root: str, diffusion_dir: str, out_dir: str, gen_config: d
     labels = to_generator_labels(one_hot(torch.arange(classes).repeat_interleave(per), classes),
                                  shown, model.num_classes)
     generator = torch.Generator().manual_seed(seed)
-    with sampling_autocast(device):
+    with sampling_autocast(device, gen.mixed_precision):
         id_images = sample_images(model, labels, gen.guidance, scheduler_for(model, gen),
                                   generator, device)
         mix_images, metas = draw_labelmix(model, gen, shown, seed + 1, classes * per, device)
