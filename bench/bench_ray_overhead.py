@@ -8,7 +8,7 @@
 (a) generation: the generate stage (Ray Data, one sampling actor) against a plain loop in this
     process calling the same `ShardSampler` on the same shards and drawing the same grid;
 (b) training: one grid cell through Ray Train + Accelerate (one worker) against a plain torch
-    loop of the same `oe_step` on the same rows; the steady-state step rate of each (the
+    loop of the same `train_epoch` on the same rows; the steady-state step rate of each (the
     worker's own `images_per_s`) and the start-up cost Ray Train adds once per worker group;
 (c) memory: peak RSS of the whole local Ray (driver, raylet, workers: every process under this
     one) while generating 1k and 10k synthetic images, and while training one epoch over 1x and
@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from oodscale.classify.step import oe_step  # noqa: E402
+from oodscale.classify.step import train_epoch  # noqa: E402
 from oodscale.classify.train import RunSpec, _card, train_group  # noqa: E402
 from oodscale.config import ExperimentConfig, load_config  # noqa: E402
 from oodscale.data.shards import (  # noqa: E402
@@ -55,13 +55,14 @@ from oodscale.data.shards import (  # noqa: E402
     write_manifest,
     write_shard,
 )
-from oodscale.data.streams import read_shards, to_model_input  # noqa: E402
+from oodscale.data.streams import read_shards, reshuffled_batches  # noqa: E402
 from oodscale.diffusion.generate import draw_grid, generate_variant  # noqa: E402
 from oodscale.diffusion.generators import MODEL_CARD, content_hash  # noqa: E402
 from oodscale.diffusion.model import LabelConditionedUNet  # noqa: E402
 from oodscale.diffusion.sample import ShardSampler  # noqa: E402
-from oodscale.distributed import make_accelerator  # noqa: E402
+from oodscale.distributed import make_accelerator, prepare  # noqa: E402
 from oodscale.outliers import OutlierStream, synthetic_dirname  # noqa: E402
+from oodscale.progress import epoch_progress  # noqa: E402
 from oodscale.runtime import layout_for  # noqa: E402
 
 SYN = synthetic_dirname(3.0)  # the shards of labelmix at the digits config's guidance
@@ -180,8 +181,9 @@ def bench_generation(tmp: Path, rounds: int) -> list[str]:
 
 
 def plain_training(cfg: ExperimentConfig, manifest: Manifest, syn_dir: str, layout,
-                   steps: int) -> float:
-    """images/s of the same cell's steps in this process: same model, rows, step, outliers."""
+                   steps: int) -> list[float]:
+    """images/s of each of the cell's epochs in this process: the worker's `train_epoch` on the
+    same model, rows (held as the worker holds them), outliers and learning-rate schedule."""
     from accelerate.state import AcceleratorState
 
     from oodscale.classify.checkpoints import classifier_from_card
@@ -193,58 +195,53 @@ def plain_training(cfg: ExperimentConfig, manifest: Manifest, syn_dir: str, layo
     torch.manual_seed(0)
     model = classifier_from_card(card)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.15)
+    model, optimizer = prepare(accelerator, model, optimizer)
     images, metas = load_arrays(layout.storage, layout.id_split("train"))
-    x_all = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()
-    y_all = torch.as_tensor([m["label"] for m in metas])
+    id_rows = {"image": torch.as_tensor(images).permute(0, 3, 1, 2).contiguous(),  # C×H×W
+               "label": torch.as_tensor([m["label"] for m in metas])}
     syn = torch.as_tensor(load_arrays(layout.storage, syn_dir)[0]).permute(0, 3, 1, 2)
-    synthetic = ({"image": syn[torch.randint(0, len(syn), (t.outlier_batch_size,))]}
-                 for _ in iter(int, 1))
-    outliers = OutlierStream("labelmix", t.outlier_batch_size, 6, 0, "cpu", synthetic)
-    gen = torch.Generator().manual_seed(0)
+    syn_rows = {"image": syn.contiguous(), "label": torch.full((len(syn),), -1)}  # no class
+    outliers = OutlierStream("labelmix", t.outlier_batch_size, 6, 0, "cpu",
+                             reshuffled_batches(syn_rows, t.outlier_batch_size, 1))
+    id_batches = reshuffled_batches(id_rows, t.batch_size, 0)
 
-    def epoch() -> None:
-        order = torch.randperm(len(y_all), generator=gen)
-        for s in range(steps):
-            idx = order[s * t.batch_size:(s + 1) * t.batch_size]
-            x, y = to_model_input(x_all[idx]), y_all[idx]
-            oe_step(model, optimizer, accelerator, x, y, outliers.next(x, y), t.lambda_oe)
-
-    epoch()  # warm-up, as the worker's first epoch is
-    return steps * t.batch_size / timed(epoch)
+    return [train_epoch(model, optimizer, accelerator, lr_schedule, id_batches, outliers, steps,
+                        t.lambda_oe)["images_per_s"] for _ in range(t.epochs)]
 
 
 def bench_training(tmp: Path, rounds: int) -> list[str]:
     plain_rates, ray_rates, walls, computes = [], [], [], []
     for r in range(rounds):  # interleaved, so load on the shared machine hits both alike
-        # 12 epochs checkpoint every 4th: the timed last epoch follows a plain one. With 4 every
-        # epoch checkpoints, and the upload and controller sync still running after a report
-        # slowed the next epoch by ~5 % (1.11x vs 1.07x on 2 cores).
+        # Both sides train the cell's 12 epochs of 128 steps and are compared on the median
+        # epoch after the first (warm-up): one epoch alone swung ±5 % from epoch to epoch.
         cfg, layout = make_run(tmp / f"train{r}", [
             "train.epochs=12", "generate.num_shards=2", "generate.samples_per_shard=128",
             "generate.steps=2"])
-        manifest = write_id_shards(layout, 1, np.random.default_rng(0))
+        manifest = write_id_shards(layout, 4, np.random.default_rng(0))
         write_ddpm(layout, cfg)
         generate_variant(cfg, layout, SYN)
         torch.set_num_threads(1)
         steps = manifest.num_samples // cfg.train.batch_size
-        plain_rates.append(plain_training(cfg, manifest, layout.synthetic_variant(SYN), layout,
-                                          steps))
+        plain = plain_training(cfg, manifest, layout.synthetic_variant(SYN), layout, steps)
+        plain_rates.append(statistics.median(plain[1:]))
         id_data, _ = read_shards(layout.storage, layout.id_split("train"))
         syn = read_shards(layout.storage, layout.synthetic_variant(SYN))
-        spec = RunSpec("arcface", "labelmix", 0)
-        walls.append(timed(partial(train_group, cfg, layout, [spec], id_data, manifest,
-                                   {SYN: syn}, "bench")))
-        card = json.loads(layout.storage.read_bytes(
-            f"{layout.classifier_dir(spec.name)}/classifier.json"))
-        ray_rates.append(card["train"]["images_per_s"])
-        computes.append(cfg.train.epochs * steps * cfg.train.batch_size / ray_rates[-1])
+        epochs: list[float] = []  # each epoch's rate as the worker publishes it
+        with epoch_progress("bench train", 1, cfg.train.epochs,
+                            lambda item, epochs=epochs: epochs.append(item["images_per_s"])):
+            walls.append(timed(partial(train_group, cfg, layout,
+                                       [RunSpec("arcface", "labelmix", 0)], id_data, manifest,
+                                       {SYN: syn}, "bench")))
+        ray_rates.append(statistics.median(epochs[1:]))
+        computes.append(sum(steps * cfg.train.batch_size / rate for rate in epochs))
     plain_rate, ray_rate = statistics.median(plain_rates), statistics.median(ray_rates)
     wall = statistics.median(walls)
     fixed = statistics.median(w - c for w, c in zip(walls, computes, strict=True))
     return [f"| (b) train step, smallcnn arcface + OE, {cfg.train.batch_size} + "
-            f"{cfg.train.outlier_batch_size} rows, steady state (last of {cfg.train.epochs} "
-            f"epochs), median of {rounds} | {plain_rate:,.0f} ID images/s | {ray_rate:,.0f} ID "
+            f"{cfg.train.outlier_batch_size} rows, median epoch of epochs 2-{cfg.train.epochs}, "
+            f"median of {rounds} rounds | {plain_rate:,.0f} ID images/s | {ray_rate:,.0f} ID "
             f"images/s | {plain_rate / ray_rate:.2f} | per round: plain "
             f"{', '.join(f'{x:,.0f}' for x in plain_rates)}; Ray "
             f"{', '.join(f'{x:,.0f}' for x in ray_rates)} |",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from oodscale import tracking
 from oodscale.classify.ambiguity import filter_synthetic
 from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
 from oodscale.classify.pretrained import init_from_torchvision
-from oodscale.classify.step import STEP_FIGURES, oe_step
+from oodscale.classify.step import train_epoch
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
 from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
@@ -160,18 +159,8 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
     if start_epoch and all(data[name].cached for name in ("id", synthetic) if name):
         skip_batches(id_batches, outliers, start_epoch * steps)
     for epoch in range(start_epoch, t.epochs):
-        model.train()
-        sums = torch.zeros(len(STEP_FIGURES), device=device)
-        started = time.time()
-        for _ in range(steps):
-            batch = next(id_batches)
-            x, y = to_model_input(batch["image"]), batch["label"]
-            sums += oe_step(model, optimizer, accelerator, x, y, outliers.next(x, y),
-                            t.lambda_oe)
-            lr_schedule.step()
-        metrics = dict(zip(STEP_FIGURES, (sums / steps).tolist(), strict=True))  # one sync
-        metrics.update(epoch=epoch, train_acc=100 * metrics.pop("correct"),
-                       images_per_s=steps * t.batch_size / (time.time() - started))
+        metrics = {**train_epoch(model, optimizer, accelerator, lr_schedule, id_batches,
+                                 outliers, steps, t.lambda_oe), "epoch": epoch}
         write = None
         if epoch == t.epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
             unwrapped = accelerator.unwrap_model(model)

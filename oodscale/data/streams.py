@@ -144,11 +144,12 @@ class RankData:
                 raise ValueError(f"this dataset streams batches of {self._stream_batch_size}; "
                                  f"a cell asked for {batch_size}")
             return self._stream
-        return _reshuffled(self._load(), batch_size, seed)
+        return reshuffled_batches(self._load(), batch_size, seed)
 
 
-def _reshuffled(rows: dict[str, torch.Tensor], batch_size: int, seed: int,
-                ) -> Iterator[dict[str, torch.Tensor]]:
+def reshuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int,
+                       ) -> Iterator[dict[str, torch.Tensor]]:
+    """Full batches of rows kept in memory, forever, reshuffled each pass from `seed` alone."""
     n = len(rows["label"])
     if n < batch_size:
         raise ValueError(f"this rank's data split has {n} rows, fewer than one batch of "
