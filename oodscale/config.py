@@ -15,6 +15,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -57,7 +58,16 @@ BuiltinOOD = Literal[
 # and scikit-learn's digits (images the test set did not draw) and noise (another seed). Crops
 # of the shipped photos and textures would repeat the test sets' source images: they have none.
 ValidationOOD = Literal["openset", "digits", "gaussian", "uniform", "rademacher", "blobs"]
-MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
+def _yaml_no(value: Any) -> Any:
+    """YAML 1.1 reads a bare `no` (mixed_precision: no, or =no on the command line) as False:
+    take it as the "no" it was written as."""
+    return "no" if value is False else value
+
+
+MixedPrecision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml_no)]
+SamplingPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_yaml_no)]
 
 
 class ConfigError(ValueError):
@@ -216,7 +226,7 @@ class GenerateConfig(_Section):
     sampler: str = Field("ddim", description="ddim, ddpm or dpmsolver (DPM-Solver++, 15-25 "
                                              "steps); see oodscale/diffusion/samplers.py")
     steps: int = Field(50, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+    mixed_precision: SamplingPrecision = Field(
         "auto", description="Sampling precision: auto = bf16 where the device computes it "
                             "natively (GPUs, CPUs with AVX-512 BF16 or AMX), fp32 elsewhere.")
     batch_size: int = Field(256, ge=1)

@@ -25,6 +25,16 @@ def test_dotted_overrides_are_typed():
     assert cfg.storage.root == "s3://bucket/x"
 
 
+def test_a_bare_yaml_no_is_the_precision_no():
+    """YAML reads `no` as False; the precision fields take it as the "no" it was written as."""
+    cfg = load_config(DIGITS, ["train.mixed_precision=no", "generate.mixed_precision=no",
+                               "diffusion.mixed_precision=bf16"])
+    assert (cfg.train.mixed_precision, cfg.generate.mixed_precision) == ("no", "no")
+    assert cfg.diffusion.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="generate.mixed_precision"):
+        load_config(DIGITS, ["generate.mixed_precision=yes"])
+
+
 @pytest.mark.parametrize("override, key", [
     ("train.epocs=3", "train.epocs"),          # unknown key
     ("train.epochs=many", "train.epochs"),     # wrong type
