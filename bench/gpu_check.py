@@ -190,7 +190,7 @@ def sampling_case(name: str, guidance: float, timed_steps: int, sampler: str = "
     generator = torch.Generator().manual_seed(0)
 
     def run() -> None:
-        with sampling_autocast(device):
+        with sampling_autocast(device, "bf16"):
             sample_images(UNetGenerator(model, 1000), labels, guidance,
                           make_sampler(sampler, 1000, timed_steps), generator, device)
 
@@ -234,14 +234,14 @@ def dit_sampling_case(batch: int = 64, guidance: float = 4.0,
     generator = torch.Generator().manual_seed(0)
 
     def one_step() -> None:
-        with sampling_autocast(device):
+        with sampling_autocast(device, "bf16"):
             sample_images(_NoDecode(model), labels, guidance, scheduler_for(model, gen),
                           generator, device)
 
     latents = torch.randn(batch, *model.latent_shape, device=device)
 
     def decode() -> None:
-        with sampling_autocast(device), torch.no_grad():
+        with sampling_autocast(device, "bf16"), torch.no_grad():
             model.decode(latents)
 
     step_s = 1.0 / synced_rate(one_step, 1, warmup=1, max_iters=5)

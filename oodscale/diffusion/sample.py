@@ -28,9 +28,9 @@ from oodscale.runtime import derive_seed, open_storage
 
 def sampling_autocast(device: torch.device, mixed_precision: str = "auto"):
     """bf16 autocast as `generate.mixed_precision` says; "auto" wherever the device computes
-    bf16 natively (GPUs; CPUs with AVX-512 BF16 or AMX, where the digits UNet samples 1.8-2.1x
-    faster than in fp32), fp32 elsewhere. Sampling only: bf16 moves a pixel by ~0.007 on
-    average, a fiftieth of what other noise moves it (docs/benchmarks.md)."""
+    bf16 natively (GPUs; CPUs with AVX-512 BF16 or AMX, where the digits UNet samples 2.1x
+    faster than in fp32), fp32 elsewhere. Sampling only: bf16 moves a pixel by ~0.006 on
+    average, a sixtieth of what other initial noise moves it (docs/benchmarks.md)."""
     enabled = mixed_precision == "bf16" or (mixed_precision == "auto"
                                             and computes_bf16_natively(device))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
