@@ -1,18 +1,22 @@
 """What Ray costs at equal work, side by side in one run, on this machine.
 
-    .venv/bin/python bench/bench_ray_overhead.py             # ~8 min on 2 cores; appends to
+    .venv/bin/python bench/bench_ray_overhead.py             # ~15 min on 2 cores; appends to
                                                              # docs/benchmarks.md
     .venv/bin/python bench/bench_ray_overhead.py --no-write  # print only
     .venv/bin/python bench/bench_ray_overhead.py --no-write --cases training  # (b) alone, ~2 min
+    .venv/bin/python bench/bench_ray_overhead.py --no-write --cases startup   # (d) alone, ~1 min
 
-(a) generation: the generate stage (Ray Data, one sampling actor) against a plain loop in this
-    process calling the same `ShardSampler` on the same shards and drawing the same grid;
+(a) generation: the digits config's generate stage (Ray Data, one sampling actor) against a
+    plain loop in this process calling the same `ShardSampler` on the same shards and drawing
+    the same grid; Ray's ~5 s of actor start-up is fixed, so the ratio is for this work;
 (b) training: one grid cell through Ray Train + Accelerate (one worker) against a plain torch
     loop of the same `train_epoch` on the same rows; the steady-state step rate of each (the
     worker's own `images_per_s`) and the start-up cost Ray Train adds once per worker group;
 (c) memory: peak RSS of the whole local Ray (driver, raylet, workers: every process under this
     one) while generating 1k and 10k synthetic images, and while training one epoch over 1x and
-    10x the ID shards with streaming (`train.cache_mb=0`) and with the default in-memory cache.
+    10x the ID shards with streaming (`train.cache_mb=0`) and with the default in-memory cache;
+(d) start-up: a one-worker group whose loop only reports, through `run_trainer`, at Ray Train's
+    default controller poll interval (2 s) and at the one oodscale sets (0.5 s).
 
 Every Ray worker and the plain loops use one torch thread, so the rows compare the same compute.
 The models are the digits config's (a 16x16 UNet, smallcnn); the work is sized so one row takes
@@ -60,7 +64,13 @@ from oodscale.diffusion.generate import draw_grid, generate_variant  # noqa: E40
 from oodscale.diffusion.generators import MODEL_CARD, content_hash  # noqa: E402
 from oodscale.diffusion.model import LabelConditionedUNet  # noqa: E402
 from oodscale.diffusion.sample import ShardSampler  # noqa: E402
-from oodscale.distributed import make_accelerator, prepare  # noqa: E402
+from oodscale.distributed import (  # noqa: E402
+    HEALTH_CHECK_ENV,
+    HEALTH_CHECK_INTERVAL_S,
+    make_accelerator,
+    prepare,
+    run_trainer,
+)
 from oodscale.outliers import OutlierStream, synthetic_dirname  # noqa: E402
 from oodscale.progress import epoch_progress  # noqa: E402
 from oodscale.runtime import layout_for  # noqa: E402
@@ -165,19 +175,21 @@ def plain_generation(cfg: ExperimentConfig, layout, card: dict, out_dir: str) ->
 def bench_generation(tmp: Path, rounds: int) -> list[str]:
     plain, ray_times, same = [], [], True
     for r in range(rounds):  # interleaved, so load on the shared machine hits both alike
-        cfg, layout = make_run(tmp / f"gen{r}", [
-            "generate.num_shards=12", "generate.samples_per_shard=64", "generate.steps=20",
-            "generate.batch_size=64"])
+        cfg, layout = make_run(tmp / f"gen{r}", [])  # the digits config's generate stage
         card = write_ddpm(layout, cfg)
         plain.append(timed(partial(plain_generation, cfg, layout, card, str(tmp / f"plain{r}"))))
         ray_times.append(timed(partial(generate_variant, cfg, layout, SYN)))
         same &= bool((load_arrays(layout.storage, str(tmp / f"plain{r}"))[0]
                       == load_arrays(layout.storage, layout.synthetic_variant(SYN))[0]).all())
     p, r_ = statistics.median(plain), statistics.median(ray_times)
-    n = cfg.generate.num_shards * cfg.generate.samples_per_shard
-    return [f"| (a) generate, {n} samples (12 shards x 64, DDIM 20, w = 3) + grid, median of "
-            f"{rounds} | {p:.1f} s | {r_:.1f} s | {r_ / p:.2f} | identical shards: {same}; Ray "
-            f"adds {r_ - p:.1f} s (actor start, model load, the grid task) |"]
+    g = cfg.generate
+    return [f"| (a) generate, the digits config's stage at one actor: "
+            f"{g.num_shards * g.samples_per_shard:,} samples ({g.num_shards} shards x "
+            f"{g.samples_per_shard}, {g.sampler.upper()} {g.steps}, w = {g.guidance:g}) + grid, "
+            f"median of {rounds} | {p:.1f} s | {r_:.1f} s | {r_ / p:.2f} | identical shards: "
+            f"{same}; Ray "
+            f"adds {r_ - p:.1f} s (actor start, model load; the grid is drawn by its own task, "
+            f"in a second process beside the actor) |"]
 
 
 def plain_training(cfg: ExperimentConfig, manifest: Manifest, syn_dir: str, layout,
@@ -283,17 +295,47 @@ def bench_memory(tmp: Path) -> list[str]:
     return rows
 
 
+def _report_once(_config: dict) -> None:
+    import ray.train
+
+    ray.train.report({"done": 1.0})
+
+
+def bench_startup(tmp: Path, rounds: int) -> list[str]:
+    """Wall time of a worker group that does nothing, at two controller poll intervals."""
+    cfg, layout = make_run(tmp / "startup", [])
+    before = os.environ.get(HEALTH_CHECK_ENV)
+    fits: dict[str, list[float]] = {"2.0": [], HEALTH_CHECK_INTERVAL_S: []}
+    try:
+        for r in range(rounds):  # interleaved
+            for interval, walls in fits.items():
+                os.environ[HEALTH_CHECK_ENV] = interval  # Ray Train hands it to its controller
+                walls.append(timed(partial(run_trainer, _report_once, {}, {}, cfg.train, layout,
+                                           f"startup-{r}-{interval}", {})))
+    finally:
+        os.environ.pop(HEALTH_CHECK_ENV)
+        if before is not None:
+            os.environ[HEALTH_CHECK_ENV] = before
+    ray_default, ours = (statistics.median(fits[k]) for k in fits)
+    return [f"| (d) one-worker group that only reports (start, one report, teardown), "
+            f"controller polls every 2 s (Ray's default) / {HEALTH_CHECK_INTERVAL_S} s "
+            f"(oodscale's), median of {rounds} | {ray_default:.1f} s | {ours:.1f} s | "
+            f"{ray_default / ours:.2f} | per round: "
+            f"{'; '.join(f'{a:.1f} / {b:.1f} s' for a, b in zip(*fits.values(), strict=True))} |"]
+
+
 CASES: dict[str, Callable[[Path, int], list[str]]] = {
     "generation": bench_generation, "training": bench_training,
-    "memory": lambda tmp, _rounds: bench_memory(tmp)}
+    "memory": lambda tmp, _rounds: bench_memory(tmp), "startup": bench_startup}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b), (d)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
-                        help="which of (a) generation, (b) training, (c) memory to run")
+                        help="which of (a) generation, (b) training, (c) memory, (d) "
+                             "startup to run")
     args = parser.parse_args(argv)
     import ray
 
