@@ -121,7 +121,8 @@ def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] |
     needs to know).
 
     Only checkpoint epochs go to Ray Train: a report synchronises every worker with the
-    controller, which cost 0.6-1.5 s per epoch on the 2-core machine, more than a digits epoch.
+    controller, which cost 0.6-1.5 s per epoch on the 2-core machine at Ray's 2 s poll
+    interval (HEALTH_CHECK_ENV), more than a digits epoch.
     """
     import ray.train
 
