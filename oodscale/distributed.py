@@ -25,9 +25,10 @@ from oodscale.runtime import RunLayout, Storage, resolve_use_gpu
 STATE_FILE = "state.json"
 # How often Ray Train's controller polls its workers (Ray's default: 2 s). Every step of a worker
 # group's life waits for a poll: starting, each report's synchronisation, the end of the loop.
-# At 0.5 s a bare one-worker TorchTrainer fit took 7.7-9.5 s instead of 11.4-13.2 s on the
-# 2-core machine (docs/benchmarks.md); the polls themselves are one small RPC per worker. Set
-# the variable before `oodscale` runs to choose another interval.
+# At 0.5 s a one-worker group that only reports takes 8.8-8.9 s instead of 11.5-12.1 s on the
+# 2-core machine (`bench/bench_ray_overhead.py --cases startup`, docs/benchmarks.md); the polls
+# themselves are one small RPC per worker. Set the variable before `oodscale` runs to choose
+# another interval.
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.5"
 

@@ -30,7 +30,7 @@ def test_worker_groups_poll_every_half_second_unless_the_environment_says(ray_cl
     monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
     run_trainer(_write_poll_interval, {"out": str(out)}, {}, cfg.train, layout_for(cfg), "poll",
                 {})
-    assert out.read_text() == "0.5"  # Ray's default, 2 s, cost ~3.4 s per group
+    assert out.read_text() == "0.5"  # Ray's default, 2 s, cost ~3 s per group
     monkeypatch.setenv(HEALTH_CHECK_ENV, "1.5")
     run_trainer(_write_poll_interval, {"out": str(out)}, {}, cfg.train, layout_for(cfg),
                 "poll-set", {})
