@@ -55,7 +55,17 @@ def test_smoke_runs_every_timing_case_on_the_cpu(gpu_check, tmp_path):
     for case in ("sampling: cifar10 UNet", "sampling: imagenet UNet", "DDPM train step",
                  "sampling: DiT-XL/2 + VAE decode",
                  "wrn40_2@32, arcface", "resnet50@64, arcface", "resnet50@224, arcface",
-                 "evaluate forward", "kNN + Mahalanobis"):
+                 "evaluate forward", "kNN + Mahalanobis",
+                 "torch.compile default", "torch.compile reduce-overhead"):  # child processes
         assert case in table, case
     for loss in LOSS_NAMES:
         assert f"wrn40_2@32, {loss}" in table, loss
+
+
+def test_an_isolated_case_that_dies_costs_its_row_not_the_table(gpu_check, monkeypatch):
+    # The compile rows run in a child process (one died with SIGSEGV on an H100); a child that
+    # fails before it announces a row must come back as a FAILED row naming its exit.
+    monkeypatch.setattr(gpu_check.RUN, "smoke", True)
+    row = gpu_check.run_isolated("no such case", timeout_s=120)
+    assert row.case == "no such case"
+    assert row.status == "FAILED (child process: exit 2)"
