@@ -205,32 +205,53 @@ def unet_for(name: str) -> tuple[LabelConditionedUNet, int, int]:
     return model, classes, cfg.generate.batch_size
 
 
+class _Bf16Input(UNetGenerator):
+    """The UNet with bf16 weights and no autocast: its input cast once per step instead of
+    every weight cast on every call, and GroupNorm in bf16 (autocast keeps it in fp32)."""
+
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+                      condition: torch.Tensor) -> torch.Tensor:
+        return self.model(noisy.to(torch.bfloat16), timesteps, condition)
+
+
 def sampling_case(name: str, guidance: float, timed_steps: int, sampler: str = "ddim",
                   total_steps: int = DDIM_STEPS, channels_last: bool = False,
-                  batch_scale: int = 1) -> Row:
-    """Guided sampling as an actor runs it; `channels_last` (UNet weights NHWC) and
-    `batch_scale` (× the config's batch) are levers the actors do not use yet."""
+                  batch_scale: int = 1, bf16_weights: bool = False,
+                  compiled: str | None = None) -> Row:
+    """Guided sampling as an actor runs it (bf16 autocast, fp32 weights). Levers the actors do
+    not use yet: `channels_last` (UNet weights NHWC), `batch_scale` (× the config's batch),
+    `bf16_weights` (bf16 UNet, no autocast), `compiled` (torch.compile of the UNet)."""
     model, classes, batch = unet_for(name)
     batch, timed_steps = RUN.batch(batch * batch_scale), 1 if RUN.smoke else timed_steps
     device = RUN.device
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if bf16_weights:
+        model = model.to(torch.bfloat16)
+    runner = (_Bf16Input if bf16_weights else UNetGenerator)(model, 1000)
+    if compiled:
+        runner.model = compiled_model(model, compiled)
     labels = torch.full((batch, classes), 0.0)
     labels[:, 0], labels[:, 1] = 0.5, 0.5
     generator = torch.Generator().manual_seed(0)
 
     def run() -> None:
-        with sampling_autocast(device, "bf16"):
-            sample_images(UNetGenerator(model, 1000), labels, guidance,
-                          make_sampler(sampler, 1000, timed_steps), generator, device)
+        with sampling_autocast(device, "no" if bf16_weights else "bf16"):
+            sample_images(runner, labels, guidance, make_sampler(sampler, 1000, timed_steps),
+                          generator, device)
 
-    per_step_images = synced_rate(run, batch * timed_steps, warmup=1, max_iters=3)
-    lever = ", channels-last UNet" if channels_last else ""
-    return Row(f"sampling: {name} UNet", f"{sampler}, guidance {guidance:g}, batch {batch}, "
-               f"bf16{lever}", f"{per_step_images / total_steps:,.1f} samples/s at "
-               f"{total_steps} steps",
-               bound=kernel_share(run, per_step_images, batch * timed_steps, iters=1))
+    per_step_images = synced_rate(run, batch * timed_steps, warmup=2 if compiled else 1,
+                                  max_iters=3)
+    lever = ((", channels-last UNet" if channels_last else "")
+             + (" weights, no autocast" if bf16_weights else "")
+             + (f", torch.compile {compiled}" if compiled else ""))
+    row = Row(f"sampling: {name} UNet", f"{sampler}, guidance {guidance:g}, batch {batch}, "
+              f"bf16{lever}", f"{per_step_images / total_steps:,.1f} samples/s at "
+              f"{total_steps} steps")
+    announce(row)
+    row.bound = kernel_share(run, per_step_images, batch * timed_steps, iters=1)
+    return row
 
 
 def dit_xl2(smoke: bool):
@@ -339,17 +360,23 @@ def compiled_model(model, mode: str):
 
 def oe_case(backbone: str, size: int, channels: int, classes: int, dim: int, n_id: int,
             n_out: int, loss: str = "arcface", nchw: bool = False,
-            compiled: str | None = None) -> Row:
-    """One OE step as the workers run it (channels-last weights, bf16); `nchw` turns the
-    channels-last lever off, `compiled` (a torch.compile mode) turns compilation on."""
+            compiled: str | None = None, compile_backbone_only: bool = False,
+            fused_adamw: bool = False) -> Row:
+    """One OE step as the workers run it (channels-last weights, bf16, foreach AdamW); `nchw`
+    turns the channels-last lever off, `compiled` (a torch.compile mode) compiles the model or,
+    with `compile_backbone_only`, the backbone alone (the loss head stays eager), `fused_adamw`
+    makes the optimizer one kernel."""
     n_id, n_out, device = RUN.batch(n_id), RUN.batch(n_out), RUN.device
     accelerator = fresh_accelerator("bf16")
     model = build_classifier(backbone, loss, channels, size, classes, dim).train()
     if nchw:
         model = model.to(memory_format=torch.contiguous_format)
-    if compiled:
+    if compiled and compile_backbone_only:
+        model.backbone = compiled_model(model.backbone, compiled)
+    elif compiled:
         model = compiled_model(model, compiled)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.to(device).parameters(), lr=1e-3,
+                                  fused=True if fused_adamw else None)
     model, optimizer = accelerator.prepare(model, optimizer)
     x = torch.rand(n_id, channels, size, size, device=device) * 2 - 1
     y = torch.arange(n_id, device=device) % classes
@@ -359,30 +386,38 @@ def oe_case(backbone: str, size: int, channels: int, classes: int, dim: int, n_i
         oe_step(model, optimizer, accelerator, x, y, outliers, 0.5)
 
     rate = synced_rate(step, n_id + n_out, warmup=3 if compiled else 2)
+    levers = layout_note(nchw, compiled) + (" (backbone only)" if compile_backbone_only else "")
+    levers += ", fused AdamW" if fused_adamw else ""
     row = Row(f"OE train step: {backbone}@{size}, {loss}",
-              f"bf16, {n_id} ID + {n_out} outliers{layout_note(nchw, compiled)}",
-              f"{rate:,.0f} rows/s")
+              f"bf16, {n_id} ID + {n_out} outliers{levers}", f"{rate:,.0f} rows/s")
     announce(row)
     row.bound = kernel_share(step, rate, n_id + n_out)
     return row
 
 
-def eval_case(precision: str, batch: int = 1024, nchw: bool = False) -> Row:
+def eval_case(precision: str, batch: int = 1024, nchw: bool = False,
+              compiled: str | None = None) -> Row:
+    """The scoring actors' forward; `compiled` (a torch.compile mode) fuses BatchNorm + ReLU."""
     batch, device = RUN.batch(batch), RUN.device
     model = build_classifier("wrn40_2", "arcface", 3, 32, 10, 128).to(device).eval()
     if nchw:
         model = model.to(memory_format=torch.contiguous_format)
+    embed_and_logits = compiled_model(model.embed_and_logits, compiled) if compiled else \
+        model.embed_and_logits
     x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def forward() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype,
                                              enabled=precision == "bf16"):
-            model.embed_and_logits(x)
+            embed_and_logits(x)
 
-    rate = synced_rate(forward, batch)
-    return Row("evaluate forward: wrn40_2@32", f"{precision}, batch {batch}{layout_note(nchw)}",
-               f"{rate:,.0f} images/s", bound=kernel_share(forward, rate, batch))
+    rate = synced_rate(forward, batch, warmup=3 if compiled else 2)
+    row = Row("evaluate forward: wrn40_2@32",
+              f"{precision}, batch {batch}{layout_note(nchw, compiled)}", f"{rate:,.0f} images/s")
+    announce(row)
+    row.bound = kernel_share(forward, rate, batch)
+    return row
 
 
 def knn_mahalanobis_case(n_train: int = 50_000, n_test: int = 10_000, dim: int = 128) -> Row:
@@ -426,6 +461,18 @@ def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
         ("eval bf16 NCHW", lambda: eval_case("bf16", nchw=True)),
         ("eval fp32 batch 4096", lambda: eval_case("fp32", batch=4096)),
         ("eval bf16 batch 4096", lambda: eval_case("bf16", batch=4096)),
+        ("oe wrn40_2 fused AdamW", lambda: oe_case(*wrn, fused_adamw=True)),
+        ("sampling cifar10 bf16 weights", lambda: sampling_case("cifar10", 3.0, 5,
+                                                                bf16_weights=True)),
+        # torch.compile rows (ISOLATED): each compiles for tens of seconds before it times.
+        ("oe wrn40_2 backbone compiled", lambda: oe_case(*wrn, compiled="default",
+                                                         compile_backbone_only=True)),
+        ("oe wrn40_2 backbone CUDA graphs", lambda: oe_case(*wrn, compiled="reduce-overhead",
+                                                            compile_backbone_only=True)),
+        ("eval bf16 batch 4096 compiled", lambda: eval_case("bf16", batch=4096,
+                                                            compiled="default")),
+        ("sampling cifar10 compiled", lambda: sampling_case("cifar10", 3.0, 5,
+                                                            compiled="default")),
         ("oe wrn40_2 compiled", lambda: oe_case(*wrn, compiled="default")),
         ("oe wrn40_2 CUDA graphs", lambda: oe_case(*wrn, compiled="reduce-overhead")),
         ("sampling imagenet", lambda: sampling_case("imagenet", 3.0, 3)),
@@ -443,7 +490,9 @@ def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
 
 # torch.compile rows: a crash in compiled code or in CUPTI under CUDA graphs (the CUDA-graphs
 # row died with SIGSEGV on an H100, torch 2.11) must cost one row, not the table.
-ISOLATED = ("oe wrn40_2 compiled", "oe wrn40_2 CUDA graphs")
+ISOLATED = ("oe wrn40_2 backbone compiled", "oe wrn40_2 backbone CUDA graphs",
+            "eval bf16 batch 4096 compiled", "sampling cifar10 compiled", "oe wrn40_2 compiled",
+            "oe wrn40_2 CUDA graphs")
 ROW_MARK = "GPU_CHECK_ROW "
 ISOLATED_TIMEOUT_S = 240.0  # the CUDA-graphs row compiled and ran for ~120 s before it died
 
