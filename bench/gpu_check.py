@@ -297,13 +297,14 @@ def dit_sampling_case(batch: int = 64, guidance: float = 4.0,
         with sampling_autocast(device, "bf16"), torch.no_grad():
             model.decode(latents)
 
-    step_s = 1.0 / synced_rate(one_step, 1, warmup=1, max_iters=5)
+    step_rate = synced_rate(one_step, 1, warmup=1, max_iters=5)
     decode_s = 1.0 / synced_rate(decode, 1, warmup=1, max_iters=5)
-    rate = batch / (total_steps * step_s + decode_s)
+    rate = batch / (total_steps / step_rate + decode_s)
     what = "miniature (smoke)" if RUN.smoke else "256x256, random weights"
     return Row("sampling: DiT-XL/2 + VAE decode", f"{what}, ddim, guidance {guidance:g}, batch "
                f"{batch}, bf16", f"{rate:,.1f} images/s at {total_steps} steps "
-               f"({1000 * step_s:.0f} ms/step, decode {1000 * decode_s:.0f} ms)")
+               f"({1000 / step_rate:.0f} ms/step, decode {1000 * decode_s:.0f} ms)",
+               bound="guided step: " + kernel_share(one_step, step_rate, 1, iters=2))
 
 
 class _NoDecode:
@@ -582,8 +583,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="run every timing case once on the CPU at batch 2 (no pipeline): "
                              "checks the script itself where there is no GPU")
+    parser.add_argument("--only", help="comma-separated timing cases to run, in the table's "
+                        "order (e.g. after a short loan ran out); default: all")
     parser.add_argument("--case", help="run this one timing case (how ISOLATED rows run)")
     args = parser.parse_args(argv)
+    cases = throughput_cases()
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {name for name, _ in cases})
+        if unknown:
+            print(f"gpu_check: unknown case(s) {unknown} in --only; cases: "
+                  f"{', '.join(name for name, _ in cases)}", file=sys.stderr)
+            return 2
+        cases = [(name, case) for name, case in cases if name in wanted]
     if args.smoke:
         RUN.device, RUN.smoke, args.skip_pipeline = torch.device("cpu"), True, True
     elif not torch.cuda.is_available():
@@ -598,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         run_pipeline(rows)
         write_report(rows, started, args.out)
     timings_from = time.perf_counter()
-    for name, case in throughput_cases():
+    for name, case in cases:
         if time.perf_counter() - timings_from > args.budget_s:
             rows.append(Row(name, "", "", f"skipped (past the {args.budget_s:.0f} s budget)"))
             continue

@@ -69,3 +69,9 @@ def test_an_isolated_case_that_dies_costs_its_row_not_the_table(gpu_check, monke
     row = gpu_check.run_isolated("no such case", timeout_s=120)
     assert row.case == "no such case"
     assert row.status == "FAILED (child process: exit 2)"
+
+
+def test_only_refuses_an_unknown_case_and_names_the_valid_ones(gpu_check, capsys):
+    assert gpu_check.main(["--smoke", "--only", "oe wrn40_2,oe wrn40_2 turbo"]) == 2
+    err = capsys.readouterr().err
+    assert "'oe wrn40_2 turbo'" in err and "oe wrn40_2 backbone CUDA graphs" in err
