@@ -9,19 +9,18 @@ every outlier source (none, labelmix, labelmix-w1, labelmix-filtered, noise, pix
 ArcFace, plus the plain softmax classifier the filter needs, scored with every score. It fails
 when a stage raises or when results.parquet lacks a run or a score.
 
-Part 2 times, in this process on one GPU, what each worker does per step with the project's own
-classes (random weights, shapes from configs/cifar10.yaml and configs/imagenet.yaml): guided
-DDIM-50 sampling of the cifar10 and imagenet UNets and DPM-Solver++-20 of the cifar10 one (bf16
-autocast, as the sampling actors run it),
-a DDPM training step, one OE training step (`oe_step`, bf16 through Accelerate) of wrn40_2,
-resnet50@64 and resnet50@224 and of every loss head, the evaluation forward (fp32 and bf16) and
-kNN / Mahalanobis fitting and scoring. Sampling is timed over a few denoising steps and reported
-per 50 steps (the step cost does not depend on the step index). Then the levers of issue 8, each
-beside its row: NCHW instead of channels-last classifier weights, a channels-last UNet, larger
-batches, and torch.compile of the wrn40_2 OE step (last: it compiles for tens of seconds).
+Part 2 times, on one GPU, what each worker does per step with the project's own classes
+(random weights, shapes from configs/cifar10.yaml and configs/imagenet.yaml): issue 8's four
+targets (cifar10 UNet guided DDIM-50 sampling, the wrn40_2 and resnet50@224 OE steps, the wrn40_2
+evaluation forward), each followed by its levers, then the other rows (imagenet UNet, DiT-XL/2 +
+VAE, DDPM training, resnet50@64, every loss head, kNN/Mahalanobis). Sampling is timed over a few
+denoising steps and reported per 50 steps (the step cost does not depend on the step index).
+Each row says what bounds it (profiled kernel time as a share of wall time). The
+`torch.compile` rows run in a child process, so a crash costs one row.
 
-It prints one Markdown table headed by the card's name (and writes it to --out), and exits 1 when
-any case failed, 2 when there is no CUDA GPU. Sized to finish in about 5 minutes on one H100.
+It prints one Markdown table headed by the card's name (and writes it to --out after every row),
+and exits 1 when any case failed, 2 when there is no CUDA GPU. On one H100 the pipeline took
+322 s and the timings without the compile rows about 150 s (docs/gpu.md).
 """
 
 from __future__ import annotations
