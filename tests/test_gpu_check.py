@@ -56,10 +56,17 @@ def test_smoke_runs_every_timing_case_on_the_cpu(gpu_check, tmp_path):
                  "sampling: DiT-XL/2 + VAE decode",
                  "wrn40_2@32, arcface", "resnet50@64, arcface", "resnet50@224, arcface",
                  "evaluate forward", "kNN + Mahalanobis",
-                 "torch.compile default", "torch.compile reduce-overhead"):  # child processes
+                 "torch.compile default", "torch.compile reduce-overhead"):
         assert case in table, case
     for loss in LOSS_NAMES:
         assert f"wrn40_2@32, {loss}" in table, loss
+
+
+def test_an_isolated_case_comes_back_from_its_child_process(gpu_check, monkeypatch):
+    monkeypatch.setattr(gpu_check.RUN, "smoke", True)
+    row = gpu_check.run_isolated("eval bf16", timeout_s=120)
+    assert (row.case, row.status) == ("evaluate forward: wrn40_2@32", "ok")
+    assert row.value.endswith("images/s") and row.bound == "n/a (CPU)"
 
 
 def test_an_isolated_case_that_dies_costs_its_row_not_the_table(gpu_check, monkeypatch):
