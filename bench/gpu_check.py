@@ -20,7 +20,7 @@ Each row says what bounds it (profiled kernel time as a share of wall time). The
 
 It prints one Markdown table headed by the card's name (and writes it to --out after every row),
 and exits 1 when any case failed, 2 when there is no CUDA GPU. On one H100 the pipeline took
-322 s and the timings without the compile rows about 150 s (docs/gpu.md).
+322 s and run 2's timings 179 s up to its first compile row's end (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -243,8 +243,7 @@ def sampling_case(name: str, guidance: float, timed_steps: int, sampler: str = "
     per_step_images = synced_rate(run, batch * timed_steps, warmup=2 if compiled else 1,
                                   max_iters=3)
     lever = ((", channels-last UNet" if channels_last else "")
-             + (" weights, no autocast" if bf16_weights else "")
-             + (f", torch.compile {compiled}" if compiled else ""))
+             + (" weights, no autocast" if bf16_weights else "") + layout_note(False, compiled))
     row = Row(f"sampling: {name} UNet", f"{sampler}, guidance {guidance:g}, batch {batch}, "
               f"bf16{lever}", f"{per_step_images / total_steps:,.1f} samples/s at "
               f"{total_steps} steps")
@@ -444,7 +443,7 @@ def knn_mahalanobis_case(n_train: int = 50_000, n_test: int = 10_000, dim: int =
 
 def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
     """Issue 8's four targets first, each followed by its levers, then the other rows: a loan
-    that runs out skips the least needed. Rows named in ISOLATED run in a child process."""
+    that runs out skips the least needed. The compile rows run in a child process (`isolated`)."""
     cifar = load_config(ROOT / "configs" / "cifar10.yaml").train
     imagenet = load_config(ROOT / "configs" / "imagenet.yaml").train
     wrn = ("wrn40_2", 32, 3, 10, cifar.embedding_dim, cifar.batch_size,
@@ -469,7 +468,7 @@ def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
         ("oe wrn40_2 fused AdamW", lambda: oe_case(*wrn, fused_adamw=True)),
         ("sampling cifar10 bf16 weights", lambda: sampling_case("cifar10", 3.0, 5,
                                                                 bf16_weights=True)),
-        # torch.compile rows (ISOLATED): each compiles for tens of seconds before it times,
+        # torch.compile rows (isolated): each compiles for tens of seconds before it times,
         # so the likeliest to reach a target come first.
         ("oe wrn40_2 backbone CUDA graphs", lambda: oe_case(*wrn, compiled="reduce-overhead",
                                                             compile_backbone_only=True)),
@@ -496,11 +495,13 @@ def throughput_cases() -> list[tuple[str, Callable[[], Row]]]:
     return cases
 
 
-# torch.compile rows: a crash in compiled code or in CUPTI under CUDA graphs (the CUDA-graphs
-# row died with SIGSEGV on an H100, torch 2.11) must cost one row, not the table.
-ISOLATED = ("oe wrn40_2 backbone CUDA graphs", "sampling cifar10 compiled",
-            "eval bf16 batch 4096 compiled", "oe wrn40_2 backbone compiled", "oe wrn40_2 compiled",
-            "oe wrn40_2 CUDA graphs")
+def isolated(name: str) -> bool:
+    """The torch.compile rows (named "compiled" or "CUDA graphs") run in a child process: a
+    crash in compiled code or in CUPTI under CUDA graphs (the CUDA-graphs row died with SIGSEGV
+    on an H100, torch 2.11) must cost one row, not the table."""
+    return name.endswith(("compiled", "CUDA graphs"))
+
+
 ROW_MARK = "GPU_CHECK_ROW "
 ISOLATED_TIMEOUT_S = 240.0  # the CUDA-graphs row compiled and ran for ~120 s before it died
 
@@ -569,10 +570,9 @@ def write_report(rows: list[Row], started: float, out: Path | None) -> str:
     return report
 
 
-def run_child(name: str) -> int:
+def run_child(name: str, cases: dict[str, Callable[[], Row]]) -> int:
     """`--case NAME`: one timing case, its row announced to the parent process."""
     RUN.child = True
-    cases = dict(throughput_cases())
     if name not in cases:
         print(f"gpu_check: unknown case {name!r}; cases: {', '.join(cases)}", file=sys.stderr)
         return 2
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                              "checks the script itself where there is no GPU")
     parser.add_argument("--only", help="comma-separated timing cases to run, in the table's "
                         "order (e.g. after a short loan ran out); default: all")
-    parser.add_argument("--case", help="run this one timing case (how ISOLATED rows run)")
+    parser.add_argument("--case", help="run this one timing case (how compile rows run)")
     args = parser.parse_args(argv)
     cases = throughput_cases()
     if args.only:
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.case:
-        return run_child(args.case)
+        return run_child(args.case, dict(cases))
     started = time.perf_counter()
     rows: list[Row] = []
     if not args.skip_pipeline:
@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             # --smoke runs the compile rows here: a child per row would only repeat the imports
-            isolate = name in ISOLATED and not RUN.smoke
+            isolate = isolated(name) and not RUN.smoke
             rows.append(run_isolated(name, ISOLATED_TIMEOUT_S) if isolate else case())
         except Exception as exc:  # noqa: BLE001 - one failed case must not hide the others
             traceback.print_exc()

@@ -82,3 +82,10 @@ def test_only_refuses_an_unknown_case_and_names_the_valid_ones(gpu_check, capsys
     assert gpu_check.main(["--smoke", "--only", "oe wrn40_2,oe wrn40_2 turbo"]) == 2
     err = capsys.readouterr().err
     assert "'oe wrn40_2 turbo'" in err and "oe wrn40_2 backbone CUDA graphs" in err
+
+
+def test_every_compile_row_and_only_those_runs_in_a_child(gpu_check):
+    names = [name for name, _ in gpu_check.throughput_cases()]
+    compile_rows = [n for n in names if "compiled" in n or "CUDA graphs" in n]
+    assert len(compile_rows) == 6
+    assert [n for n in names if gpu_check.isolated(n)] == compile_rows
