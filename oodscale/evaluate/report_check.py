@@ -157,8 +157,31 @@ def check_report(path: str | Path, screenshot: str | Path | None = None,
             return asyncio.run(_inspect(port, page.as_uri(),
                                         Path(screenshot) if screenshot else None, timeout))
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            _close_browser(proc, profile)
+
+
+def _close_browser(proc: subprocess.Popen, profile: str) -> None:
+    """Stop the browser and every helper it started (renderers, the crash handler, which
+    detaches from it), so none still writes into the profile while it is removed."""
+    import psutil
+
+    helpers = [p for p in psutil.process_iter(["cmdline"])
+               if p.pid != proc.pid and any(profile in arg for arg in p.info["cmdline"] or ())]
+    try:
+        helpers += psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    proc.terminate()
+    for helper in helpers:
+        try:
+            helper.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(helpers, timeout=10)
+    for helper in alive:
+        helper.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _devtools_port(marker: Path, proc: subprocess.Popen, timeout: float) -> int:
