@@ -26,3 +26,11 @@ def tiny_reference(tmp_path_factory, ray_cluster):
     from tests.faults import build_reference
 
     return build_reference(tmp_path_factory.mktemp("clean"))
+
+
+@pytest.fixture(scope="session")
+def digits_experiment(tmp_path_factory, ray_cluster):
+    """The small trained digits experiment (tests/experiment.py): (root, overrides)."""
+    from tests.experiment import build_experiment
+
+    return build_experiment(tmp_path_factory.mktemp("digits_experiment"))

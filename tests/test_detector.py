@@ -18,16 +18,7 @@ from oodscale.cli import main
 from oodscale.data.shards import load_arrays, read_manifest
 from oodscale.data.validation import validation_indices
 from oodscale.runtime import open_storage
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
-RUN = "softmax-none-s0"
-SMALL = [
-    "data.ood_sets=[openset,gaussian]", "data.ood_samples=60", "data.shard_size=200",
-    "train.losses=[softmax]", "train.outliers=[none]", "train.seeds=[0]", "train.epochs=4",
-    "train.batch_size=32", "train.embedding_dim=16", "train.num_workers=1",
-    "data.val_fraction=0.2",  # 152 validation images: a steadier 5 % quantile than 76
-    "evaluate.scores=[energy,knn,msp]",
-]
+from tests.experiment import CONFIG, RUN
 
 
 def test_validation_indices_are_stratified_disjoint_and_fixed():
@@ -43,23 +34,14 @@ def test_validation_indices_are_stratified_disjoint_and_fixed():
         validation_indices(np.array([0, 0, 1]), 0.5, seed=0)  # class 1 has one image
 
 
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("runs")
-    overrides = [f"storage.root={root}", *SMALL]
-    for stage in ("prepare", "train", "calibrate", "evaluate"):
-        assert main([stage, CONFIG, *overrides]) == 0, stage
-    return root, overrides
-
-
 def _split(root: Path, name: str) -> np.ndarray:
     storage = open_storage(str(root))
     return load_arrays(storage, storage.path("digits", "data", *name.split("/")))[0]
 
 
 @pytest.mark.integration
-def test_val_split_is_held_out_of_training(experiment):
-    root, _ = experiment
+def test_val_split_is_held_out_of_training(digits_experiment):
+    root, _ = digits_experiment
     storage = open_storage(str(root))
     train = read_manifest(storage, storage.path("digits", "data", "id", "train"))
     val = read_manifest(storage, storage.path("digits", "data", "id", "val"))
@@ -71,16 +53,16 @@ def test_val_split_is_held_out_of_training(experiment):
 
 
 @pytest.mark.integration
-def test_changing_val_fraction_after_prepare_is_refused(experiment, capsys):
-    _, overrides = experiment
+def test_changing_val_fraction_after_prepare_is_refused(digits_experiment, capsys):
+    _, overrides = digits_experiment
     assert main(["prepare", CONFIG, *overrides, "data.val_fraction=0.1"]) == 1
     err = capsys.readouterr().err
     assert "data.val_fraction=0.2" in err and "asks for 0.1" in err
 
 
 @pytest.mark.integration
-def test_calibration_is_stored_beside_the_weights(experiment):
-    root, _ = experiment
+def test_calibration_is_stored_beside_the_weights(digits_experiment):
+    root, _ = digits_experiment
     calibration = json.loads(
         (root / "digits" / "classifiers" / RUN / "calibration.json").read_text())
     assert calibration["tpr_target"] == 0.95 and calibration["default_score"] == "energy"
@@ -93,10 +75,10 @@ def test_calibration_is_stored_beside_the_weights(experiment):
 
 
 @pytest.mark.integration
-def test_detector_flags_held_out_images_at_the_calibrated_rate(experiment):
+def test_detector_flags_held_out_images_at_the_calibrated_rate(digits_experiment):
     from oodscale import Detector
 
-    root, _ = experiment
+    root, _ = digits_experiment
     # kNN: without outlier exposure, the logit scores (energy, MSP) of this small CNN rate
     # Gaussian noise as more ID than digits (FPR95 100 % in its report); distances do not
     detector = Detector.load(root / "digits" / "classifiers" / RUN, score="knn")
@@ -107,12 +89,12 @@ def test_detector_flags_held_out_images_at_the_calibrated_rate(experiment):
 
 
 @pytest.mark.integration
-def test_detector_matches_evaluate(experiment):
+def test_detector_matches_evaluate(digits_experiment):
     """The detector's scores are evaluate's (scores.parquet), so the held-out digits (openset)
     are flagged at the rate the evaluation's own scores give at the calibrated threshold."""
     from oodscale import Detector
 
-    root, _ = experiment
+    root, _ = digits_experiment
     scores = pd.read_parquet(root / "digits" / "eval" / "scores.parquet")
     for name in ("energy", "knn"):
         detector = Detector.load(root / "digits" / "classifiers" / RUN, score=name)
@@ -126,13 +108,13 @@ def test_detector_matches_evaluate(experiment):
 
 
 @pytest.mark.integration
-def test_detector_keeps_its_tensors_on_the_device(experiment):
+def test_detector_keeps_its_tensors_on_the_device(digits_experiment):
     """Loaded, fitted (kNN) and scoring under the simulated accelerator: a host tensor beside
     a device one raises there as on a GPU (tests/device_sim.py)."""
     from oodscale import Detector
     from tests.device_sim import SimulatedAccelerator
 
-    root, _ = experiment
+    root, _ = digits_experiment
     digits = _split(root, "id/test")[:40]
     plain = Detector.load(root / "digits" / "classifiers" / RUN, score="knn").predict(digits)
     with SimulatedAccelerator():
@@ -142,11 +124,11 @@ def test_detector_keeps_its_tensors_on_the_device(experiment):
 
 
 @pytest.mark.integration
-def test_detector_defaults_to_the_score_the_validation_sets_chose(experiment, tmp_path):
+def test_detector_defaults_to_the_score_the_validation_sets_chose(digits_experiment, tmp_path):
     from oodscale import Detector
     from oodscale.evaluate.report import primary_scores
 
-    root, _ = experiment
+    root, _ = digits_experiment
     chosen = primary_scores(pd.read_parquet(root / "digits" / "eval" / "val_results.parquet"))
     detector = Detector.load(root / "digits" / "classifiers" / RUN)
     assert detector.score_name == chosen["softmax"]
@@ -175,8 +157,8 @@ def _images(folder: Path, digits: np.ndarray) -> None:
 
 
 @pytest.mark.integration
-def test_predict_scores_a_folder_of_any_images(experiment, tmp_path, capsys):
-    root, overrides = experiment
+def test_predict_scores_a_folder_of_any_images(digits_experiment, tmp_path, capsys):
+    root, overrides = digits_experiment
     folder = tmp_path / "mine"
     _images(folder, _split(root, "id/test"))
     out = tmp_path / "rows.csv"
@@ -198,8 +180,8 @@ def test_predict_scores_a_folder_of_any_images(experiment, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_predict_errors_name_the_problem(experiment, tmp_path, capsys):
-    root, overrides = experiment
+def test_predict_errors_name_the_problem(digits_experiment, tmp_path, capsys):
+    root, overrides = digits_experiment
     image = tmp_path / "ok.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
     base = ["predict", CONFIG, *overrides, "--out", str(tmp_path / "x.csv")]
@@ -217,10 +199,10 @@ def test_predict_errors_name_the_problem(experiment, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_detector_without_current_calibration_names_the_command(experiment, tmp_path):
+def test_detector_without_current_calibration_names_the_command(digits_experiment, tmp_path):
     from oodscale import Detector
 
-    root, _ = experiment
+    root, _ = digits_experiment
     copy = tmp_path / "digits" / "classifiers" / RUN
     shutil.copytree(root / "digits" / "classifiers" / RUN, copy)
     calibration = json.loads((copy / "calibration.json").read_text())
@@ -234,7 +216,7 @@ def test_detector_without_current_calibration_names_the_command(experiment, tmp_
 
 
 @pytest.mark.integration
-def test_status_of_a_partly_run_experiment(experiment, tmp_path):
+def test_status_of_a_partly_run_experiment(digits_experiment, tmp_path):
     """A copy of the experiment with one OOD set, the classifier, its last checkpoint and half
     the synthetic shards gone: status reads what is there, says what a rerun does, and starts
     no Ray."""
@@ -244,7 +226,7 @@ def test_status_of_a_partly_run_experiment(experiment, tmp_path):
     from oodscale.runtime import layout_for
     from oodscale.status import MISSING, PARTIAL, experiment_status
 
-    root, overrides = experiment
+    root, overrides = digits_experiment
     shutil.copytree(root / "digits", tmp_path / "digits")
     shutil.rmtree(tmp_path / "digits" / "data" / "ood" / "gaussian")
     shutil.rmtree(tmp_path / "digits" / "classifiers" / RUN)

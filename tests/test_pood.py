@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,8 +19,8 @@ from oodscale.classify.models import OODClassifier, build_backbone, build_classi
 from oodscale.config import ConfigError, load_config
 from oodscale.evaluate.detectors import ScoreSet, fit_train
 from oodscale.evaluate.pood import linear_view
+from tests.experiment import CONFIG, RUN
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 FITTED = ["pood:ViM", "pood:ReAct", "pood:NNGuide", "pood:KNN", "pood:KLMatching", "pood:DICE"]
 
 
@@ -117,22 +117,20 @@ pickle.dump(out, sys.stdout.buffer)
 
 # --- the evaluate stage on trained classifiers ---------------------------------------------
 
-POOD_RUN = [
-    "data.ood_sets=[openset,gaussian]", "data.ood_samples=40", "data.shard_size=200",
-    "train.losses=[softmax,arcface]", "train.outliers=[none]", "train.epochs=2",
-    "train.batch_size=32", "train.embedding_dim=16",
-    "evaluate.scores=[msp,energy,pood:MaxSoftmax,pood:EnergyBased,pood:ViM,pood:ReAct,"
-    "pood:NNGuide]",
-]
+POOD_SCORES = ("evaluate.scores=[msp,energy,pood:MaxSoftmax,pood:EnergyBased,pood:ViM,"
+               "pood:ReAct,pood:NNGuide]")
 
 
 @pytest.fixture(scope="module")
-def pood_eval(tmp_path_factory, ray_cluster):
+def pood_eval(digits_experiment, tmp_path_factory):
+    """The shared trained experiment, copied and evaluated again with pytorch-ood's scores."""
     from oodscale.cli import main
 
+    source, overrides = digits_experiment
     root = tmp_path_factory.mktemp("pood")
-    for stage in ("prepare", "train", "evaluate"):
-        assert main([stage, CONFIG, f"storage.root={root}", *POOD_RUN]) == 0, stage
+    shutil.copytree(source / "digits", root / "digits")
+    moved = [f"storage.root={root}", *overrides[1:], POOD_SCORES]
+    assert main(["evaluate", CONFIG, *moved]) == 0
     return root / "digits" / "eval"
 
 
@@ -141,7 +139,7 @@ def test_pytorch_ood_msp_and_energy_agree_with_ours_on_trained_classifiers(pood_
     scores = pd.read_parquet(pood_eval / "scores.parquet")
     wide = scores.assign(row=scores.groupby(["run", "score_name"]).cumcount()).pivot(
         index=["run", "row"], columns="score_name", values="score")
-    assert set(wide.index.get_level_values("run")) == {"softmax-none-s0", "arcface-none-s0"}
+    assert set(wide.index.get_level_values("run")) == {RUN}
     np.testing.assert_allclose(wide["pood:MaxSoftmax"], wide["msp"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(wide["pood:EnergyBased"], wide["energy"], rtol=1e-5)
 
@@ -151,7 +149,7 @@ def test_fitted_pytorch_ood_detectors_run_in_the_evaluate_stage(pood_eval):
     results = pd.read_parquet(pood_eval / "results.parquet")
     for name in ("pood:ViM", "pood:ReAct", "pood:NNGuide"):
         part = results[results["score_name"] == name]
-        assert len(part) == 2 * 2, name  # 2 runs x 2 OOD sets
+        assert len(part) == 2, name  # 1 run x 2 OOD sets
         assert part["auroc"].between(0, 100).all(), name
     scores = pd.read_parquet(pood_eval / "scores.parquet")
     assert np.isfinite(scores["score"]).all()
@@ -165,5 +163,5 @@ def test_the_evaluate_stages_report_html_opens_cleanly(pood_eval):
     from oodscale.evaluate.report_check import check_report
 
     page = (pood_eval / "report.html").read_text()
-    assert "classifier softmax-none-s0" in page and "pood:ViM" in page
+    assert f"classifier {RUN}" in page and "pood:ViM" in page
     assert check_report(pood_eval / "report.html") == []
