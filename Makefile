@@ -30,7 +30,7 @@ benchmark: $(STAMP) fashion-mnist
 
 test: $(STAMP) browser fashion-mnist
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q --durations=30
 
 # Unit tests only (no Ray cluster): a quick loop while editing.
 test-fast: $(STAMP) browser fashion-mnist
