@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from oodscale.data.shards import read_manifest
+from oodscale.processes import stop_processes
 from oodscale.runtime import open_storage
+from tests.procs import descendants
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -76,20 +78,11 @@ def ray_head():
 
 
 def _stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM the head and every process it started; what is still up after 10 s is killed
-    (its graceful stop waits ~30 s on processes this throwaway head does not need)."""
+    """Stop the head and every process it started, killing what is still up after 10 s (its
+    graceful stop waits ~30 s on processes this throwaway head does not need)."""
     import psutil
 
-    started = psutil.Process(head.pid).children(recursive=True)
-    head.terminate()
-    for proc in started:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs([psutil.Process(head.pid), *started], timeout=10)
-    for proc in alive:
-        proc.kill()
+    stop_processes([psutil.Process(head.pid), *descendants(head.pid)])
     head.wait(timeout=30)
 
 

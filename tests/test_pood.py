@@ -19,7 +19,7 @@ from oodscale.classify.models import OODClassifier, build_backbone, build_classi
 from oodscale.config import ConfigError, load_config
 from oodscale.evaluate.detectors import ScoreSet, fit_train
 from oodscale.evaluate.pood import linear_view
-from tests.experiment import CONFIG, RUN
+from tests.experiment import CONFIG, RUN, SMALL
 
 FITTED = ["pood:ViM", "pood:ReAct", "pood:NNGuide", "pood:KNN", "pood:KLMatching", "pood:DICE"]
 
@@ -126,10 +126,10 @@ def pood_eval(digits_experiment, tmp_path_factory):
     """The shared trained experiment, copied and evaluated again with pytorch-ood's scores."""
     from oodscale.cli import main
 
-    source, overrides = digits_experiment
+    source, _ = digits_experiment
     root = tmp_path_factory.mktemp("pood")
     shutil.copytree(source / "digits", root / "digits")
-    moved = [f"storage.root={root}", *overrides[1:], POOD_SCORES]
+    moved = [f"storage.root={root}", *SMALL, POOD_SCORES]
     assert main(["evaluate", CONFIG, *moved]) == 0
     return root / "digits" / "eval"
 

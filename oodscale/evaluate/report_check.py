@@ -165,23 +165,15 @@ def _close_browser(proc: subprocess.Popen, profile: str) -> None:
     detaches from it), so none still writes into the profile while it is removed."""
     import psutil
 
-    helpers = [p for p in psutil.process_iter(["cmdline"])
-               if p.pid != proc.pid and any(profile in arg for arg in p.info["cmdline"] or ())]
-    try:
-        helpers += psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        pass
-    proc.terminate()
-    for helper in helpers:
-        try:
-            helper.terminate()
-        except psutil.NoSuchProcess:
-            pass
+    from oodscale.processes import stop_processes
+
+    helpers = {p.pid: p for p in psutil.process_iter(["cmdline"])
+               if any(profile in arg for arg in p.info["cmdline"] or ())}
+    if proc.poll() is None:  # else it exited early and is reaped already
+        browser = psutil.Process(proc.pid)
+        helpers.update((p.pid, p) for p in [browser, *browser.children(recursive=True)])
+    stop_processes(list(helpers.values()))
     proc.wait(timeout=30)
-    _, alive = psutil.wait_procs(helpers, timeout=10)
-    for helper in alive:
-        helper.kill()
-    psutil.wait_procs(alive, timeout=10)
 
 
 def _devtools_port(marker: Path, proc: subprocess.Popen, timeout: float) -> int:
