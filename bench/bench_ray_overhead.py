@@ -59,7 +59,7 @@ from oodscale.data.shards import (  # noqa: E402
     write_manifest,
     write_shard,
 )
-from oodscale.data.streams import read_shards, reshuffled_batches  # noqa: E402
+from oodscale.data.streams import read_rows, reshuffled_batches, training_set  # noqa: E402
 from oodscale.diffusion.generate import draw_grid, generate_variant  # noqa: E402
 from oodscale.diffusion.generators import MODEL_CARD, content_hash  # noqa: E402
 from oodscale.diffusion.model import LabelConditionedUNet  # noqa: E402
@@ -210,11 +210,8 @@ def plain_training(cfg: ExperimentConfig, manifest: Manifest, syn_dir: str, layo
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.15)
     model, optimizer = prepare(accelerator, model, optimizer)
-    images, metas = load_arrays(layout.storage, layout.id_split("train"))
-    id_rows = {"image": torch.as_tensor(images).permute(0, 3, 1, 2).contiguous(),  # C×H×W
-               "label": torch.as_tensor([m["label"] for m in metas])}
-    syn = torch.as_tensor(load_arrays(layout.storage, syn_dir)[0]).permute(0, 3, 1, 2)
-    syn_rows = {"image": syn.contiguous(), "label": torch.full((len(syn),), -1)}  # no class
+    id_rows, syn_rows = (read_rows(layout.storage, d) for d in (layout.id_split("train"), syn_dir))
+    id_rows.pop("order"), syn_rows.pop("order")  # the worker's cache holds image and label
     outliers = OutlierStream("labelmix", t.outlier_batch_size, 6, 0, "cpu",
                              reshuffled_batches(syn_rows, t.outlier_batch_size, 1))
     id_batches = reshuffled_batches(id_rows, t.batch_size, 0)
@@ -238,8 +235,11 @@ def bench_training(tmp: Path, rounds: int) -> list[str]:
         steps = manifest.num_samples // cfg.train.batch_size
         plain = plain_training(cfg, manifest, layout.synthetic_variant(SYN), layout, steps)
         plain_rates.append(statistics.median(plain[1:]))
-        id_data, _ = read_shards(layout.storage, layout.id_split("train"))
-        syn = read_shards(layout.storage, layout.synthetic_variant(SYN))
+        t = cfg.train
+        id_data, _ = training_set(layout.storage, layout.id_split("train"), t.num_workers,
+                                  t.cache_mb)
+        syn = training_set(layout.storage, layout.synthetic_variant(SYN), t.num_workers,
+                           t.cache_mb)
         epochs: list[float] = []  # each epoch's rate as the worker publishes it
         with epoch_progress("bench train", 1, cfg.train.epochs,
                             lambda item, epochs=epochs: epochs.append(item["images_per_s"])):
@@ -283,7 +283,8 @@ def bench_memory(tmp: Path) -> list[str]:
             cfg, layout = make_run(tmp / f"mem-train-{cache}-{copies}", [
                 "train.epochs=1", "train.outliers=[none]", f"train.cache_mb={cache}"])
             manifest = write_id_shards(layout, copies, np.random.default_rng(copies))
-            id_data, _ = read_shards(layout.storage, layout.id_split("train"))
+            id_data, _ = training_set(layout.storage, layout.id_split("train"),
+                                      cfg.train.num_workers, cfg.train.cache_mb)
             with PeakRSS() as rss:
                 train_group(cfg, layout, [RunSpec("arcface", "none", 0)], id_data, manifest, {},
                             f"mem-{cache}-{copies}")
@@ -311,7 +312,7 @@ def bench_startup(tmp: Path, rounds: int) -> list[str]:
             for interval, walls in fits.items():
                 os.environ[HEALTH_CHECK_ENV] = interval  # Ray Train hands it to its controller
                 walls.append(timed(partial(run_trainer, _report_once, {}, {}, cfg.train, layout,
-                                           f"startup-{r}-{interval}", {})))
+                                           f"startup-{r}-{interval}")))
     finally:
         os.environ.pop(HEALTH_CHECK_ENV)
         if before is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from oodscale.config import WorkerConfig
+from oodscale.data.streams import CachedShards
 from oodscale.progress import publish
 from oodscale.runtime import RunLayout, Storage, resolve_use_gpu
 
@@ -67,12 +68,13 @@ def make_accelerator(mixed_precision: str, use_gpu: bool):
 
 def run_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
                 datasets: dict[str, Any], workers: WorkerConfig, layout: RunLayout,
-                name: str, cached: dict[str, bool]):
+                name: str):
     """Fit a TorchTrainer; a rerun with the same name resumes from its last checkpoint.
 
-    `cached` says which datasets are small enough to keep on a worker (the loop sees it as
-    `config["cached"]`): those reach every worker whole instead of split, and the worker
-    slices its own rows (`RankData`)."""
+    `datasets` maps a name to what `data.streams.training_set` returned: a `CachedShards`
+    reaches every worker whole, through the loop's config, and the worker reads it and slices
+    its own rows; a Ray Dataset is split across the workers by Ray Train. The loop gets both
+    as `data.streams.worker_data(config, device)`."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -83,18 +85,19 @@ def run_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, A
     if use_gpu:
         resources["GPU"] = 1
     storage = layout.storage
+    cached = {n: d for n, d in datasets.items() if isinstance(d, CachedShards)}
+    streamed = {n: d for n, d in datasets.items() if n not in cached}
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "cached": cached, "use_gpu": use_gpu},
+        train_loop_config={**loop_config, "cached": cached, "streamed": sorted(streamed),
+                           "use_gpu": use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=layout.ray_train_dir, storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=1)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[n for n in datasets if not cached.get(n)]),
+        datasets=streamed,
     )
     return trainer.fit()
 

@@ -28,10 +28,9 @@ def test_worker_groups_poll_every_half_second_unless_the_environment_says(ray_cl
     cfg = load_config(CONFIG, [f"storage.root={tmp_path}", "train.num_workers=1"])
     out = tmp_path / "interval"
     monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
-    run_trainer(_write_poll_interval, {"out": str(out)}, {}, cfg.train, layout_for(cfg), "poll",
-                {})
+    run_trainer(_write_poll_interval, {"out": str(out)}, {}, cfg.train, layout_for(cfg), "poll")
     assert out.read_text() == "0.5"  # Ray's default, 2 s, cost ~3 s per group
     monkeypatch.setenv(HEALTH_CHECK_ENV, "1.5")
     run_trainer(_write_poll_interval, {"out": str(out)}, {}, cfg.train, layout_for(cfg),
-                "poll-set", {})
+                "poll-set")
     assert out.read_text() == "1.5"

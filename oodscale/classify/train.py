@@ -28,7 +28,7 @@ from oodscale.classify.pretrained import init_from_torchvision
 from oodscale.classify.step import train_epoch
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
-from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
+from oodscale.data.streams import RankData, to_model_input, training_set, worker_data
 from oodscale.distributed import (
     make_worker_accelerator,
     prepare,
@@ -103,16 +103,11 @@ def _read_resume() -> _Resume | None:
 
 def classifier_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop: every pending cell of `config["cards"]`, one after another."""
-    import ray.train
-
     cfg = ExperimentConfig.model_validate(config["cfg"])
     t = cfg.train
     layout = RunLayout(open_storage(config["storage_root"]), cfg.name)
     accelerator = make_worker_accelerator(t, config["use_gpu"])
-    context = ray.train.get_context()
-    data = {name: RankData(ray.train.get_dataset_shard(name), accelerator.device, cached,
-                           context.get_world_rank(), context.get_world_size())
-            for name, cached in config["cached"].items()}
+    data = worker_data(config, accelerator.device)
     resume = _read_resume()
     for card in config["cards"]:
         if layout.storage.exists(f"{layout.classifier_dir(card['run'])}/{CARD}"):
@@ -208,23 +203,21 @@ def train_group(cfg: ExperimentConfig, layout: RunLayout, specs: list[RunSpec], 
         if source.needs_generator:
             outlier_data[spec.name] = f"outliers:{source.dirname}"
     datasets = {"id": id_data}
-    cached = {"id": rows_fit_in_cache(manifest, t.num_workers, t.cache_mb)}
     for key in sorted(set(outlier_data.values())):
-        dataset, syn_manifest = outlier_sets[key.removeprefix("outliers:")]
-        datasets[key] = dataset
-        cached[key] = rows_fit_in_cache(syn_manifest, t.num_workers, t.cache_mb)
+        datasets[key] = outlier_sets[key.removeprefix("outliers:")][0]
     run_trainer(
         classifier_loop,
         {"cfg": cfg.model_dump(), "cards": [_card(cfg, s, manifest) for s in specs],
          "storage_root": layout.storage.uri, "steps_per_epoch": steps,
          "checkpoint_every": max(1, t.epochs // 3), "outlier_data": outlier_data},
-        datasets, t, layout, name=name, cached=cached)
+        datasets, t, layout, name=name)
 
 
 def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, source: OutlierSource,
                   manifest: Manifest, plain: str | None) -> tuple[Any, Manifest]:
-    """The Ray Dataset and manifest of a generator source's shards, filtered first if it asks
-    for that (by the finished plain classifier `plain`)."""
+    """What the workers read a generator source's shards from (`training_set`) and their
+    manifest, filtered first if the source asks for that (by the finished plain classifier
+    `plain`)."""
     directory = layout.synthetic_variant(source.dirname)
     if source.filtered:
         gen = cfg.generate
@@ -235,7 +228,9 @@ def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, source: OutlierSourc
         print(f"[oodscale] ambiguity filter (tau {gen.filter_tau}) kept {filtered.extra['kept']}"
               f" of {filtered.extra['total']} samples ({100 * filtered.extra['kept_fraction']:.1f}"
               f"%) in {layout.storage.uri_of(directory)}", flush=True)
-    data, syn_manifest = read_shards(layout.storage, directory, hint="run `oodscale generate`")
+    t = cfg.train
+    data, syn_manifest = training_set(layout.storage, directory, t.num_workers, t.cache_mb,
+                                      hint="run `oodscale generate`")
     if syn_manifest.class_names != manifest.class_names:
         raise ValueError("the synthetic shards were drawn for other ID classes "
                          f"({syn_manifest.class_names} vs {manifest.class_names}); rerun "
@@ -251,7 +246,8 @@ def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str
     the filter needs: softmax, no outliers, first seed); a second trains the filtered cells.
     """
     storage = layout.storage
-    id_data, manifest = read_shards(storage, layout.id_split("train"))
+    id_data, manifest = training_set(storage, layout.id_split("train"), cfg.train.num_workers,
+                                     cfg.train.cache_mb)
     default = cfg.generate.guidance
 
     def finished(spec: RunSpec) -> bool:

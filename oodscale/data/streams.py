@@ -1,10 +1,12 @@
-"""Streaming shards into Ray Train workers with equal step counts on every rank.
+"""Shards into Ray Train workers with equal step counts on every rank.
 
-Ray Data reads the WebDataset shards (local, s3://, gs://) and Ray Train splits the rows
-equally across ranks. Each rank then sees the same number of *full* batches per pass, so DDP
-ranks never wait on one another. Ray Data's local shuffle buffer can emit short batches
-mid-stream (ray issue 66085), which would desynchronise ranks; we shuffle instead by mixing a
-window of full batches, which keeps the batch count exact.
+Small shard sets (`rows_fit_in_cache`) are read whole by each worker in its own process
+(`CachedShards`) and kept on its device. Large ones stream: Ray Data reads the WebDataset
+shards (local, s3://, gs://) and Ray Train splits the rows equally across ranks. Each rank
+then sees the same number of *full* batches per pass, so DDP ranks never wait on one another.
+Ray Data's local shuffle buffer can emit short batches mid-stream (ray issue 66085), which
+would desynchronise ranks; we shuffle instead by mixing a window of full batches, which keeps
+the batch count exact.
 """
 
 from __future__ import annotations
@@ -13,13 +15,22 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from oodscale.data.shards import read_manifest, sample_image, shard_paths
-from oodscale.runtime import Storage
+from oodscale.data.shards import (
+    Manifest,
+    ShardError,
+    iter_raw_samples,
+    read_manifest,
+    sample_image,
+    shard_paths,
+)
+from oodscale.runtime import Storage, open_storage
 
 
 def _decode_sample(sample: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -101,21 +112,85 @@ def rows_fit_in_cache(manifest, num_workers: int, cache_mb: float) -> bool:
     return size / num_workers <= cache_mb * 2**20 and size <= 4 * cache_mb * 2**20
 
 
+@dataclass(frozen=True)
+class CachedShards:
+    """A shard set small enough for every worker to read whole, in its own process.
+
+    Ray Data would start read tasks (fresh processes that import torch) for every worker group:
+    4 s of an 18 s digits `train` stage on the 2-core machine, for 682 images that one process
+    decodes in a few hundredths of a second. Large sets stream through Ray Data instead."""
+
+    storage_uri: str
+    directory: str
+
+    def read(self) -> dict[str, torch.Tensor]:
+        return read_rows(open_storage(self.storage_uri), self.directory)
+
+
+def read_rows(storage: Storage, directory: str) -> dict[str, torch.Tensor]:
+    """Every row of a shard set, decoded as Ray Data's reader decodes them (C×H×W uint8
+    `image`, checked `label`, `order`), its shards checked against the manifest and read in
+    parallel threads (reads and PNG decoding release the GIL)."""
+    manifest = read_manifest(storage, directory)
+    decode = functools.partial(_decode_sample, num_classes=len(manifest.class_names))
+    shape = (manifest.channels, manifest.image_size, manifest.image_size)
+
+    def shard_rows(path: str) -> list[dict[str, Any]]:
+        try:
+            raw = list(iter_raw_samples(storage, path))
+        except Exception as err:  # tarfile and pyarrow raise their own types
+            raise ShardError(f"cannot read shard {storage.uri_of(path)}: {err}; verify with "
+                             "`oodscale verify`") from err
+        rows = [decode(sample) for sample in raw]
+        for sample, row in zip(raw, rows, strict=True):
+            if row["image"].shape != shape:
+                raise ShardError(
+                    f"sample {sample['__key__']!r} in {storage.uri_of(path)} is "
+                    f"{row['image'].shape[1]}x{row['image'].shape[2]}x{row['image'].shape[0]}, "
+                    f"its manifest says {manifest.image_size}x{manifest.image_size}x"
+                    f"{manifest.channels}: the shard does not belong to this manifest; rerun "
+                    "the stage that wrote it")
+        return rows
+
+    paths = shard_paths(storage, directory, manifest)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
+        rows = [row for part in pool.map(shard_rows, paths) for row in part]
+    if not rows:
+        raise ValueError(f"{storage.uri_of(directory)} holds no samples; add data")
+    return {"image": torch.from_numpy(np.stack([r["image"] for r in rows])),
+            "label": torch.tensor([r["label"] for r in rows], dtype=torch.int64),
+            "order": torch.tensor([r["order"] for r in rows], dtype=torch.int64)}
+
+
+def training_set(storage: Storage, directory: str, num_workers: int, cache_mb: float,
+                 hint: str = "run `oodscale prepare`") -> tuple[Any, Manifest]:
+    """What a training worker group reads one shard set from, and its manifest: a
+    `CachedShards` when a worker's share fits `cache_mb`, else a Ray Dataset to stream.
+    Either way the shards are checked here, so a damaged one fails before workers start."""
+    manifest = read_manifest(storage, directory, hint)
+    if not rows_fit_in_cache(manifest, num_workers, cache_mb):
+        return read_shards(storage, directory, hint)
+    if not shard_paths(storage, directory, manifest):
+        raise ValueError(f"{storage.uri_of(directory)} lists no shards; {hint}")
+    return CachedShards(storage.uri, directory), manifest
+
+
 class RankData:
     """This worker's rows of one dataset, as endless full batches on its device.
 
-    Small datasets are read once, kept on the device (uint8) and reshuffled each pass, so a run
-    reads them once however many epochs and grid cells it trains. Every worker reads such a set
-    whole (`run_trainer`'s `cached`), sorts it by `sample_order` and keeps every `world`-th row
-    from its rank: which rows a rank trains on, and in what order, never depends on Ray Data's
+    Small datasets (`CachedShards`) are read once, kept on the device (uint8) and reshuffled
+    each pass, so a run reads them once however many epochs and grid cells it trains. Every
+    worker reads such a set whole, sorts it by `sample_order` and keeps every `world`-th row
+    from its rank: which rows a rank trains on, and in what order, never depends on read
     timing, so training is reproducible bit for bit. Large ones stream through one endless
-    iterator per worker (Ray Train's split), which every cell of the run continues, so no split
-    is ever left half-read.
+    iterator per worker (Ray Train's split of a Ray Dataset), which every cell of the run
+    continues, so no split is ever left half-read.
     """
 
-    def __init__(self, shard, device: torch.device | str, cached: bool, rank: int = 0,
+    def __init__(self, source: CachedShards | Any, device: torch.device | str, rank: int = 0,
                  world: int = 1) -> None:
-        self.shard, self.device, self.cached = shard, device, cached
+        self.source, self.device = source, device
+        self.cached = isinstance(source, CachedShards)
         self.rank, self.world = rank, world
         self._rows: dict[str, torch.Tensor] | None = None
         self._stream: Iterator[dict[str, torch.Tensor]] | None = None
@@ -123,10 +198,7 @@ class RankData:
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._rows is None:
-            parts = list(self.shard.iter_torch_batches(batch_size=1024))
-            if not parts:
-                raise ValueError("this dataset is empty; add data")
-            rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            rows = self.source.read()
             mine = rows.pop("order").argsort()[self.rank::self.world]
             if not len(mine):
                 raise ValueError(f"this dataset has fewer rows than the {self.world} workers; "
@@ -138,13 +210,27 @@ class RankData:
         """Full batches forever; cached rows come in an order drawn from `seed` alone."""
         if not self.cached:
             if self._stream is None:
-                self._stream = endless_batches(self.shard, batch_size, seed, self.device)
+                self._stream = endless_batches(self.source, batch_size, seed, self.device)
                 self._stream_batch_size = batch_size
             elif batch_size != self._stream_batch_size:
                 raise ValueError(f"this dataset streams batches of {self._stream_batch_size}; "
                                  f"a cell asked for {batch_size}")
             return self._stream
         return reshuffled_batches(self._load(), batch_size, seed)
+
+
+def worker_data(config: dict[str, Any], device: torch.device | str) -> dict[str, RankData]:
+    """Inside a Ray Train worker: each dataset `run_trainer` was given, as this rank's
+    `RankData` (cached sets from `config["cached"]`, streamed ones from Ray Train's split)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    data = {name: RankData(source, device, rank, world)
+            for name, source in config["cached"].items()}
+    for name in config["streamed"]:
+        data[name] = RankData(ray.train.get_dataset_shard(name), device, rank, world)
+    return data
 
 
 def reshuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int,

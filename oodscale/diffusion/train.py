@@ -17,7 +17,7 @@ import torch
 from oodscale import tracking
 from oodscale.config import ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
-from oodscale.data.streams import RankData, read_shards, rows_fit_in_cache, to_model_input
+from oodscale.data.streams import to_model_input, training_set, worker_data
 from oodscale.diffusion.generators import MODEL_CARD, content_hash
 from oodscale.diffusion.mixup import one_hot
 from oodscale.diffusion.model import LabelConditionedUNet, UNetGenerator
@@ -70,8 +70,7 @@ def diffusion_loop(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(d.timesteps)
     num_classes = len(manifest.class_names)
     device = accelerator.device
-    batches = RankData(ray.train.get_dataset_shard("id"), device, config["cached"]["id"],
-                       ctx.get_world_rank(), ctx.get_world_size()).batches(
+    batches = worker_data(config, device)["id"].batches(
         d.batch_size, derive_seed(cfg.seed, "diffusion-batches", ctx.get_world_rank()))
     steps = config["steps_per_epoch"]
     for epoch in range(start_epoch, d.epochs):
@@ -112,16 +111,15 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     card_path = f"{layout.diffusion_dir}/{MODEL_CARD}"
     if storage.exists(card_path):
         return UNetGenerator.model_card(cfg, layout)  # refuses a pretrained generator's card
-    dataset, manifest = read_shards(storage, layout.id_split("train"))
     d = cfg.diffusion
+    dataset, manifest = training_set(storage, layout.id_split("train"), d.num_workers, d.cache_mb)
     steps = steps_per_epoch(manifest.num_samples, d.batch_size, d.num_workers)
     with epoch_progress("train-diffusion", 1, d.epochs, tracking.epoch_logger()):
         result = run_trainer(
             diffusion_loop,
             {"cfg": cfg.model_dump(), "manifest": manifest.to_json(), "steps_per_epoch": steps,
              "checkpoint_every": max(1, d.epochs // 4)},
-            {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion",
-            cached={"id": rows_fit_in_cache(manifest, d.num_workers, d.cache_mb)})
+            {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion")
     unet_dir = f"{layout.diffusion_dir}/unet"
     copy_checkpoint(result, layout, unet_dir)
     card = {"generator": "ddpm", "epochs": d.epochs, "final_loss": result.metrics.get("loss"),
