@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from oodscale.cli import main
 from oodscale.data.shards import load_arrays, read_manifest
+from oodscale.data.streams import CachedShards, training_set
 from oodscale.runtime import open_storage
 
 pytestmark = pytest.mark.integration
@@ -153,6 +155,29 @@ def test_rerun_skips_finished_stages(run_root, capsys):
     root, overrides = run_root
     assert main(["train", CONFIG, *overrides]) == 0
     assert "every classifier already trained" in capsys.readouterr().out
+
+
+def test_a_set_over_the_cache_streams_beside_a_cached_one_in_one_worker_group(run_root,
+                                                                             tmp_path):
+    root, _ = run_root
+    other = tmp_path / "runs"
+    for part in (root / "digits").iterdir():
+        if part.name == "data" or part.name.startswith(("synthetic", "diffusion")):
+            shutil.copytree(part, other / "digits" / part.name)
+    overrides = [f"storage.root={other}", *TINY, "train.losses=[arcface]",
+                 "train.outliers=[labelmix]", "train.cache_mb=0.05"]
+    # 0.05 MB: each of the 2 workers' half of the 682 ID images (87 KB) streams through Ray
+    # Train's split; the 36 synthetic outliers (9 KB) are read whole in each worker
+    storage = open_storage(str(other))
+    assert not isinstance(training_set(storage, f"{other}/digits/data/id/train", 2, 0.05)[0],
+                          CachedShards)
+    assert isinstance(training_set(storage, f"{other}/digits/synthetic-w3", 2, 0.05)[0],
+                      CachedShards)
+    assert main(["train", CONFIG, *overrides]) == 0
+    card = json.loads((other / "digits" / "classifiers" / "arcface-labelmix-s0" /
+                       "classifier.json").read_text())
+    assert card["epoch"] == 1 and math.isfinite(card["train"]["loss"])
+    assert card["train"]["oe_loss"] > 0  # the cached outliers reached the step
 
 
 def test_grid_cells_share_one_worker_group_and_resume_from_its_checkpoint(run_root):
