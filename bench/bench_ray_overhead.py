@@ -210,8 +210,8 @@ def plain_training(cfg: ExperimentConfig, manifest: Manifest, syn_dir: str, layo
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.15)
     model, optimizer = prepare(accelerator, model, optimizer)
-    id_rows, syn_rows = (read_rows(layout.storage, d) for d in (layout.id_split("train"), syn_dir))
-    id_rows.pop("order"), syn_rows.pop("order")  # the worker's cache holds image and label
+    id_rows, syn_rows = ({k: v for k, v in read_rows(layout.storage, d).items() if k != "order"}
+                         for d in (layout.id_split("train"), syn_dir))  # as a worker keeps them
     outliers = OutlierStream("labelmix", t.outlier_batch_size, 6, 0, "cpu",
                              reshuffled_batches(syn_rows, t.outlier_batch_size, 1))
     id_batches = reshuffled_batches(id_rows, t.batch_size, 0)

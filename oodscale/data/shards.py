@@ -254,7 +254,13 @@ def iter_samples(storage: Storage, path: str) -> Iterator[tuple[str, np.ndarray,
         for sample in iter_raw_samples(storage, path):
             yield sample["__key__"], sample_image(sample), json.loads(sample["json"])
     except Exception as err:  # tarfile, PIL and json all raise their own types
-        raise ShardError(f"cannot read shard {path}: {err}; verify with `oodscale verify`") from err
+        raise unreadable_shard(storage, path, err) from err
+
+
+def unreadable_shard(storage: Storage, path: str, err: Exception) -> ShardError:
+    """The error of a listed shard that cannot be read or decoded."""
+    return ShardError(f"cannot read shard {storage.uri_of(path)}: {err}; verify with "
+                      "`oodscale verify`")
 
 
 def load_arrays(storage: Storage, directory: str) -> tuple[np.ndarray, list[dict[str, Any]]]:

@@ -29,6 +29,7 @@ from oodscale.data.shards import (
     read_manifest,
     sample_image,
     shard_paths,
+    unreadable_shard,
 )
 from oodscale.runtime import Storage, open_storage
 
@@ -56,16 +57,26 @@ def sample_order(sample: dict[str, Any]) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def read_shards(storage: Storage, directory: str, hint: str = "run `oodscale prepare`"):
-    """A Ray Dataset of {image, label} rows over the shards a manifest lists."""
-    import ray.data
-
+def _checked_shards(storage: Storage, directory: str, hint: str) -> tuple[Manifest, list[str]]:
+    """A shard set's manifest and its shards' paths, every shard checked (`shard_paths`)."""
     manifest = read_manifest(storage, directory, hint)
     paths = shard_paths(storage, directory, manifest)
     if not paths:
         raise ValueError(f"{storage.uri_of(directory)} lists no shards; {hint}")
+    return manifest, paths
+
+
+def _ray_dataset(storage: Storage, paths: list[str], manifest: Manifest):
+    import ray.data
+
     decoder = functools.partial(_decode_sample, num_classes=len(manifest.class_names))
-    return ray.data.read_webdataset(paths, filesystem=storage.fs, decoder=decoder), manifest
+    return ray.data.read_webdataset(paths, filesystem=storage.fs, decoder=decoder)
+
+
+def read_shards(storage: Storage, directory: str, hint: str = "run `oodscale prepare`"):
+    """A Ray Dataset of {image, label} rows over the shards a manifest lists."""
+    manifest, paths = _checked_shards(storage, directory, hint)
+    return _ray_dataset(storage, paths, manifest), manifest
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -139,8 +150,7 @@ def read_rows(storage: Storage, directory: str) -> dict[str, torch.Tensor]:
         try:
             raw = list(iter_raw_samples(storage, path))
         except Exception as err:  # tarfile and pyarrow raise their own types
-            raise ShardError(f"cannot read shard {storage.uri_of(path)}: {err}; verify with "
-                             "`oodscale verify`") from err
+            raise unreadable_shard(storage, path, err) from err
         rows = [decode(sample) for sample in raw]
         for sample, row in zip(raw, rows, strict=True):
             if row["image"].shape != shape:
@@ -167,11 +177,9 @@ def training_set(storage: Storage, directory: str, num_workers: int, cache_mb: f
     """What a training worker group reads one shard set from, and its manifest: a
     `CachedShards` when a worker's share fits `cache_mb`, else a Ray Dataset to stream.
     Either way the shards are checked here, so a damaged one fails before workers start."""
-    manifest = read_manifest(storage, directory, hint)
+    manifest, paths = _checked_shards(storage, directory, hint)
     if not rows_fit_in_cache(manifest, num_workers, cache_mb):
-        return read_shards(storage, directory, hint)
-    if not shard_paths(storage, directory, manifest):
-        raise ValueError(f"{storage.uri_of(directory)} lists no shards; {hint}")
+        return _ray_dataset(storage, paths, manifest), manifest
     return CachedShards(storage.uri, directory), manifest
 
 
