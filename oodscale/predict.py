@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from oodscale.config import ExperimentConfig
-from oodscale.data.sources import IMAGE_SUFFIXES, image_files
+from oodscale.data.images import IMAGE_SUFFIXES, image_files
 from oodscale.runtime import RunLayout, open_storage
 
 

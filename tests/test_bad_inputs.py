@@ -174,3 +174,46 @@ def test_pickled_ddpm_is_refused(tmp_path):
     unet.save_pretrained(tmp_path / "unet", safe_serialization=False)  # a pickle .bin
     with pytest.raises(FileNotFoundError, match="safetensors files only"):
         load_unet(open_storage(str(tmp_path)), str(tmp_path / "unet"))
+
+
+def _linked_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder of three images with a loop (`sub/up -> ..`), links out of the tree (to a
+    folder and to a file), a dangling link and a link to an image inside it."""
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    (tree / "sub").mkdir(parents=True)
+    outside.mkdir()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for path in (tree / "a.png", tree / "sub" / "b.png", tree / "sub" / "c.png",
+                 outside / "x.png"):
+        Image.fromarray(pixels).save(path)
+    (tree / "sub" / "up").symlink_to("..")
+    (tree / "out").symlink_to(outside)
+    (tree / "far.png").symlink_to(outside / "x.png")
+    (tree / "gone.png").symlink_to(tmp_path / "nothing.png")
+    (tree / "again.png").symlink_to(tree / "a.png")
+    return tree, outside
+
+
+def test_folder_walk_follows_no_loop_and_no_link_out_of_the_tree(tmp_path):
+    from oodscale.data.images import list_folder
+    from oodscale.predict import iter_image_paths
+
+    tree, _ = _linked_tree(tmp_path)
+    listing = list_folder(open_storage(str(tree)), str(tree))
+    assert listing.files == [str(tree / n) for n in ("a.png", "again.png", "sub/b.png",
+                                                     "sub/c.png")]
+    assert listing.links == [str(tree / n) for n in ("far.png", "gone.png", "out", "sub/up")]
+    assert list(iter_image_paths([str(tree)])) == listing.files  # predict's walk is the same
+    assert "links not followed" in listing.skipped()[0]
+
+
+def test_imagefolder_class_linked_out_of_the_tree_is_not_read(tmp_path):
+    from oodscale.data.sources import list_imagefolder
+
+    _folder(tmp_path / "data", ["a", "b"], 2)
+    _folder(tmp_path / "elsewhere", ["c"], 2)
+    (tmp_path / "data" / "c").symlink_to(tmp_path / "elsewhere" / "c")
+    (tmp_path / "data" / "a" / "loop").symlink_to(tmp_path / "data")
+    files, labels, classes = list_imagefolder(str(tmp_path / "data"))
+    assert classes == ["a", "b"] and labels == [0, 0, 1, 1]
+    assert all("elsewhere" not in f and "loop" not in f for f in files)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from oodscale.config import ExperimentConfig, OODSetSource
 from oodscale.data.builtin import resize
+from oodscale.data.images import IMAGE_SUFFIXES, image_files, list_folder
 from oodscale.data.shards import (
     Manifest,
     ShardInfo,
@@ -29,18 +30,10 @@ from oodscale.data.shards import (
     write_split,
 )
 from oodscale.data.validation import VAL_SPLIT, validation_indices
-from oodscale.runtime import RunLayout, Storage, derive_seed, open_storage
+from oodscale.runtime import RunLayout, derive_seed, open_storage
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
-
-
-def image_files(storage: Storage, directory: str) -> list[str]:
-    """Filesystem paths of every image under `directory`, sorted."""
-    infos = storage.fs.get_file_info(pafs.FileSelector(directory, recursive=True))
-    return sorted(i.path for i in infos
-                  if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in IMAGE_SUFFIXES)
 
 
 def list_imagefolder(root: str) -> tuple[list[str], list[int], list[str]]:
@@ -49,13 +42,15 @@ def list_imagefolder(root: str) -> tuple[list[str], list[int], list[str]]:
     if not storage.exists(storage.base):
         raise FileNotFoundError(f"ImageFolder directory {root} not found; check data.path")
     infos = storage.fs.get_file_info(pafs.FileSelector(storage.base))
-    classes = sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.Directory)
+    local = isinstance(storage.fs, pafs.LocalFileSystem)  # a linked class is not followed
+    classes = sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.Directory
+                     and not (local and Path(i.path).is_symlink()))
     if not classes:
         raise ValueError(f"{root} has no class sub-directories; an ImageFolder tree is "
                          f"<root>/<class>/<image> (ImageNet: <root>/train/n01440764/*.JPEG)")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = image_files(storage, f"{storage.base}/{name}")
+        found = image_files(storage, f"{storage.base}/{name}", tree=storage.base)
         files += found
         labels += [label] * len(found)
     if not files:
@@ -244,8 +239,7 @@ def prepare_extra_ood(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> 
 def _webdataset_images(source: OODSetSource, size: int, channels: int) -> np.ndarray:
     """Every image of a user's WebDataset shards (any image member), resized."""
     storage = open_storage(source.path)
-    infos = storage.fs.get_file_info(pafs.FileSelector(storage.base, recursive=True))
-    tars = sorted(i.path for i in infos if i.path.endswith(".tar"))
+    tars = list_folder(storage, storage.base, {".tar"}).files
     if not tars:
         raise ValueError(f"OOD set {source.name}: no .tar shards under {source.path}")
     images = []
