@@ -118,6 +118,14 @@ class DataConfig(_Section):
         description="Share of the training images held out as the ID validation split "
                     "(data/id/val; stratified, never trained on); 0 = none.")
     shard_size: int = Field(512, ge=1)
+    max_image_mb: float = Field(
+        64.0, gt=0.0, le=4096.0,
+        description="A user's image file larger than this is refused before it is read "
+                    "(prepare, --ood folders, predict).")
+    max_image_megapixels: float = Field(
+        40.0, gt=0.0, le=89.0,
+        description="An image whose header says more pixels than this is refused before it is "
+                    "decoded; 89 is Pillow's own decompression-bomb limit.")
     ood_sets: list[BuiltinOOD] = Field(
         default_factory=lambda: ["textures", "photos", "gaussian", "uniform", "rademacher",
                                  "blobs"])

@@ -25,6 +25,7 @@ from PIL import Image
 
 from oodscale.classify.checkpoints import CARD
 from oodscale.data.builtin import resize
+from oodscale.data.images import DEFAULT_LIMITS, ImageLimits, read_image_bytes
 from oodscale.data.sources import decode_image
 from oodscale.evaluate.calibration import ScoreReader, read_calibration
 from oodscale.runtime import Storage, open_storage
@@ -53,19 +54,19 @@ def _from_array(array: np.ndarray, size: int, channels: int, source: str) -> np.
 
 
 def training_images(images: Iterable[ImageLike] | np.ndarray, size: int, channels: int,
-                    ) -> np.ndarray:
+                    limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """N×C×H×W uint8, each image converted and resized as `prepare` does for training data.
 
     Items may be file paths (any storage URI), PIL images or uint8 arrays; an array with a
-    batch axis (N×H×W or N×H×W×C) is N images.
+    batch axis (N×H×W or N×H×W×C) is N images. Files are checked against `limits` before
+    they are read and decoded (`oodscale.data.images`).
     """
     out = []
     for i, item in enumerate(images):
         if isinstance(item, str | Path):
             storage = open_storage(str(item))
-            if not storage.exists(storage.base):
-                raise FileNotFoundError(f"image {item} not found")
-            image = decode_image(storage.read_bytes(storage.base), size, channels, str(item))
+            data = read_image_bytes(storage, storage.base, limits, str(item))
+            image = decode_image(data, size, channels, str(item), limits)
         elif isinstance(item, Image.Image):
             mode = "L" if channels == 1 else "RGB"
             image = resize(np.asarray(item.convert(mode)), size, channels)
@@ -97,17 +98,20 @@ class Detector:
     """A finished, calibrated classifier with one score and its threshold."""
 
     def __init__(self, reader: ScoreReader, calibration: dict[str, Any], score: str,
-                 batch_size: int, chosen: str = "asked for") -> None:
+                 batch_size: int, chosen: str = "asked for",
+                 limits: ImageLimits = DEFAULT_LIMITS) -> None:
         self.reader, self.calibration, self.score_name = reader, calibration, score
         self.threshold = float(calibration["scores"][score]["threshold"])
         self.batch_size, self.chosen = batch_size, chosen  # chosen: how the score was picked
+        self.limits = limits  # checked before an image file is read and decoded
         card = reader.classifier.card
         self.run, self.class_names = card["run"], card["class_names"]
         self.image_size, self.channels = card["image_size"], card["channels"]
 
     @classmethod
     def load(cls, classifier_dir: str | Path, score: str | None = None,
-             use_gpu: bool | None = None, batch_size: int = 256) -> Detector:
+             use_gpu: bool | None = None, batch_size: int = 256,
+             limits: ImageLimits = DEFAULT_LIMITS) -> Detector:
         """The classifier under `classifier_dir` (`<root>/<experiment>/classifiers/<run>`, a
         local path or URI) with `score`, on the GPU when there is one.
 
@@ -130,7 +134,7 @@ class Detector:
                              f"(add it to evaluate.scores and run `oodscale calibrate CONFIG`)")
         gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
         reader = ScoreReader(storage.uri, storage.base, [score], gpu, batch_size)
-        return cls(reader, calibration, score, batch_size, chosen)
+        return cls(reader, calibration, score, batch_size, chosen, limits)
 
     def predict_prepared(self, batch: np.ndarray) -> Prediction:
         """`predict` for images already at the model's size (N×C×H×W uint8, as
@@ -145,7 +149,8 @@ class Detector:
 
     def predict(self, images: Sequence[ImageLike] | np.ndarray) -> Prediction:
         """Score, OOD decision (score below the calibrated threshold) and predicted class."""
-        return self.predict_prepared(training_images(images, self.image_size, self.channels))
+        return self.predict_prepared(training_images(images, self.image_size, self.channels,
+                                                     self.limits))
 
     def score(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
         """The score of each image (higher = more ID)."""

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from oodscale.config import ExperimentConfig
-from oodscale.data.images import IMAGE_SUFFIXES, image_files
+from oodscale.data.images import IMAGE_SUFFIXES, ImageLimits, image_files
 from oodscale.runtime import RunLayout, open_storage
 
 
@@ -87,7 +87,8 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
         raise ValueError("give at least one image file or folder to score")
     directory = resolve_run(cfg, layout, request.run)
     detector = Detector.load(layout.storage.uri_of(directory), request.score,
-                             batch_size=cfg.evaluate.batch_size)
+                             batch_size=cfg.evaluate.batch_size,
+                             limits=ImageLimits.from_config(cfg.data))
     out = Path(request.out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
     schema = pa.schema([("path", pa.string()), ("score", pa.float64()),
@@ -101,7 +102,7 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
             for chunk in _chunks(iter_image_paths(request.paths), detector.batch_size):
                 # decoding in threads (PIL releases the GIL); one image per call
                 images = np.concatenate(list(pool.map(
-                    lambda p: training_images([p], *size), chunk)))
+                    lambda p: training_images([p], *size, detector.limits), chunk)))
                 result = detector.predict_prepared(images)
                 names = [detector.class_names[i] for i in result.pred]
                 writer.write_table(pa.table({"path": chunk, "score": result.score,

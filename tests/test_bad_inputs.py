@@ -217,3 +217,59 @@ def test_imagefolder_class_linked_out_of_the_tree_is_not_read(tmp_path):
     files, labels, classes = list_imagefolder(str(tmp_path / "data"))
     assert classes == ["a", "b"] and labels == [0, 0, 1, 1]
     assert all("elsewhere" not in f and "loop" not in f for f in files)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (8-bit gray) and whose pixel data is junk:
+    anything that decodes it before checking the header would allocate width*height bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"x" * 64)
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("width", "height", "message"), [
+    (8000, 6000, r"8000x6000 \(48.0 megapixels\), above the cap of 40 "
+                 r"\(data.max_image_megapixels\)"),
+    (10000, 9500, "decompression bomb"),  # Pillow's warning (89-179 Mpx), an error here
+    (100000, 100000, "decompression bomb"),  # Pillow's own error
+])
+def test_image_over_the_pixel_cap_is_refused_before_decoding(tmp_path, width, height, message):
+    from oodscale.data.images import BadImageError
+    from oodscale.detector import training_images
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header(width, height))
+    with pytest.raises(BadImageError, match=message) as caught:
+        training_images([path], 16, 1)
+    assert str(path) in str(caught.value)
+
+
+def test_image_file_over_the_size_cap_is_refused_before_reading(tmp_path):
+    from oodscale.data.images import BadImageError, ImageLimits
+    from oodscale.detector import training_images
+
+    cfg = load_config(CONFIG, ["data.max_image_mb=0.001"])
+    assert load_config(CONFIG).data.max_image_mb == 64.0
+    path = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(path)
+    with pytest.raises(BadImageError, match=r"big.png is 0.0 MB, above the cap of 0.0 MB "
+                                            r"\(data.max_image_mb\)"):
+        training_images([path], 16, 1, ImageLimits.from_config(cfg.data))
+
+
+def test_only_the_supported_image_formats_are_opened(tmp_path):
+    from oodscale.data.images import BadImageError
+    from oodscale.detector import training_images
+
+    path = tmp_path / "really_a_gif.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path, format="GIF")
+    with pytest.raises(BadImageError, match=r"cannot decode image .*really_a_gif.png.*formats "
+                                            r"read: JPEG, PNG"):
+        training_images([path], 16, 1)

@@ -1,5 +1,10 @@
 """Image files from users: listing folders without leaving them, and opening files with caps.
 
+Before a byte is decoded, a file is checked against a size cap (`data.max_image_mb`), its header
+against a pixel cap (`data.max_image_megapixels`); Pillow's decompression-bomb warning is an
+error here, and only the formats the project reads are opened (`formats=`), so a file named
+.png is never handed to one of Pillow's other decoders.
+
 Every folder walk (prepare's ImageFolder, `--ood` folders, `oodscale predict`, bring-your-own
 WebDataset sets) goes through `list_folder`. On local disk it does not follow a link to a
 directory (a `sub/up -> ..` loop would list the tree again and again) and takes a link to a
@@ -9,15 +14,96 @@ dropped. Object stores have no links: pyarrow's recursive listing is used there 
 
 from __future__ import annotations
 
+import io
 import os
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
+from PIL import Image
 
 from oodscale.runtime import Storage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+USER_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "PPM", "TIFF")  # Pillow's names of the suffixes
+SHARD_FORMATS = ("PNG", "JPEG")  # what shards store (shards.IMAGE_FORMATS)
+
+# Pillow only warns between MAX_IMAGE_PIXELS and twice that; here the warning is an error. The
+# filter is set around each open under a lock: warnings.catch_warnings is process-wide state,
+# and predict opens images in threads (the open reads the header only, so the lock is cheap).
+_OPEN_LOCK = threading.Lock()
+
+
+class BadImageError(ValueError):
+    """An image file that is not read: too large, an unsupported format or undecodable."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The caps checked before decoding (defaults: those of `data.max_image_mb` and
+    `data.max_image_megapixels`)."""
+
+    max_bytes: int = 64 << 20
+    max_pixels: int = 40_000_000
+
+    @classmethod
+    def from_config(cls, data: Any) -> ImageLimits:
+        """The caps of a config's `data` section."""
+        return cls(max_bytes=int(data.max_image_mb * 2**20),
+                   max_pixels=int(data.max_image_megapixels * 1e6))
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def _too_big(source: str, size: int, limits: ImageLimits) -> BadImageError:
+    return BadImageError(f"image {source} is {size / 2**20:.1f} MB, above the cap of "
+                         f"{limits.max_bytes / 2**20:.1f} MB (data.max_image_mb); remove it, "
+                         f"shrink it, or raise the cap")
+
+
+def read_image_bytes(storage: Storage, path: str, limits: ImageLimits = DEFAULT_LIMITS,
+                     source: str | None = None) -> bytes:
+    """The bytes of one image file, its size checked before it is read (and while reading, in
+    case the listing's size was stale)."""
+    source = source or storage.uri_of(path)
+    info = storage.fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"image {source} not found")
+    if info.size is not None and info.size > limits.max_bytes:
+        raise _too_big(source, info.size, limits)
+    with storage.fs.open_input_stream(path) as stream:
+        data = stream.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:
+        raise _too_big(source, len(data), limits)
+    return data
+
+
+def open_image(data: bytes, source: str, limits: ImageLimits = DEFAULT_LIMITS,
+               formats: tuple[str, ...] = USER_FORMATS) -> Image.Image:
+    """A PIL image from file bytes, header read and checked, pixels decoded on first use."""
+    if len(data) > limits.max_bytes:
+        raise _too_big(source, len(data), limits)
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=formats)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise BadImageError(f"image {source} is refused as a decompression bomb ({err}); "
+                            f"remove or replace it") from None
+    except Exception as err:  # PIL raises many types for bad files
+        raise BadImageError(f"cannot decode image {source}: {err} (formats read: "
+                            f"{', '.join(formats)}); remove or replace it") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise BadImageError(f"image {source} is {width}x{height} ({width * height / 1e6:.1f} "
+                            f"megapixels), above the cap of {limits.max_pixels / 1e6:g} "
+                            f"(data.max_image_megapixels); remove it, shrink it, or raise the "
+                            f"cap")
+    return image
 
 
 @dataclass

@@ -22,6 +22,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from oodscale.data.images import SHARD_FORMATS, open_image
 from oodscale.runtime import Storage
 
 MANIFEST = "manifest.json"
@@ -87,9 +88,10 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """uint8 H×W×C array from PNG bytes (C=1 for gray)."""
-    arr = np.asarray(Image.open(io.BytesIO(data)))
+def decode_png(data: bytes, source: str = "in a shard") -> np.ndarray:
+    """uint8 H×W×C array from PNG (or JPEG) bytes (C=1 for gray), through the checked opener
+    (size and pixel caps, shard formats only)."""
+    arr = np.asarray(open_image(data, source, formats=SHARD_FORMATS))
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -115,7 +117,8 @@ def sample_image(sample: dict[str, Any]) -> np.ndarray:
     """The uint8 H×W×C image of a raw tar sample, whichever format it was stored in."""
     for image_format in IMAGE_FORMATS:
         if image_format in sample:
-            return decode_png(sample[image_format])  # PIL reads either from the bytes
+            # PIL reads either from the bytes
+            return decode_png(sample[image_format], f"{sample.get('__key__')!r}")
     raise ShardError(f"sample {sample.get('__key__')!r} has no image member "
                      f"({' or '.join(IMAGE_FORMATS)})")
 

@@ -8,17 +8,24 @@ one whole shard per task, so shards are deterministic and the driver only writes
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
-from PIL import Image
 
 from oodscale.config import ExperimentConfig, OODSetSource
 from oodscale.data.builtin import resize
-from oodscale.data.images import IMAGE_SUFFIXES, image_files, list_folder
+from oodscale.data.images import (
+    DEFAULT_LIMITS,
+    IMAGE_SUFFIXES,
+    BadImageError,
+    ImageLimits,
+    image_files,
+    list_folder,
+    open_image,
+    read_image_bytes,
+)
 from oodscale.data.shards import (
     Manifest,
     ShardInfo,
@@ -62,11 +69,15 @@ def list_imagefolder(root: str) -> tuple[list[str], list[int], list[str]]:
     return files, labels, classes
 
 
-def decode_image(data: bytes, size: int, channels: int, source: str) -> np.ndarray:
+def decode_image(data: bytes, size: int, channels: int, source: str,
+                 limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """size×size×channels uint8 from a user's image file bytes, checked (`open_image`) first."""
+    opened = open_image(data, source, limits)
     try:
-        image = np.asarray(Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB"))
+        image = np.asarray(opened.convert("L" if channels == 1 else "RGB"))
     except Exception as err:  # PIL raises many types for bad files
-        raise ValueError(f"cannot decode image {source}: {err}; remove or replace it") from err
+        raise BadImageError(f"cannot decode image {source}: {err}; remove or replace "
+                            f"it") from None
     return resize(image, size, channels)
 
 
@@ -74,17 +85,19 @@ class ShardWriter:
     """Ray Data task: decode, resize and write whole shards (rows = shard jobs)."""
 
     def __init__(self, storage_root: str, source_root: str, out_dir: str, prefix: str,
-                 size: int, channels: int):
+                 size: int, channels: int, limits: ImageLimits = DEFAULT_LIMITS):
         self.storage = open_storage(storage_root)
         self.source = open_storage(source_root)
         self.out_dir, self.prefix, self.size, self.channels = out_dir, prefix, size, channels
+        self.limits = limits
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"path": [], "count": [], "sha256": [], "size": []}
         for index, files, labels in zip(batch["shard"], batch["files"], batch["labels"],
                                         strict=True):
             samples = ((f"{self.prefix}_{int(index):06d}_{i:06d}",
-                        decode_image(self.source.read_bytes(f), self.size, self.channels, f),
+                        decode_image(read_image_bytes(self.source, f, self.limits), self.size,
+                                     self.channels, f, self.limits),
                         {"label": int(y)}) for i, (f, y) in enumerate(zip(files, labels,
                                                                           strict=True)))
             info = write_shard(self.storage, self.out_dir, shard_name(self.prefix, int(index)),
@@ -98,8 +111,8 @@ class ShardWriter:
 
 def shard_files_with_ray(layout: RunLayout, source_root: str, out_dir: str, prefix: str,
                          files: list[str], labels: list[int], manifest: Manifest,
-                         shard_size: int,
-                         cpus_per_task: float = 0.5) -> Manifest:
+                         shard_size: int, cpus_per_task: float = 0.5,
+                         limits: ImageLimits = DEFAULT_LIMITS) -> Manifest:
     """Write `files` as shards in parallel Ray tasks, then the manifest (last)."""
     import ray.data
 
@@ -114,7 +127,7 @@ def shard_files_with_ray(layout: RunLayout, source_root: str, out_dir: str, pref
         fn_constructor_kwargs={"storage_root": layout.storage.uri, "source_root": source_root,
                                "out_dir": out_dir,
                                "prefix": prefix, "size": manifest.image_size,
-                               "channels": manifest.channels}).take_all()
+                               "channels": manifest.channels, "limits": limits}).take_all()
     manifest.shards = sorted((ShardInfo.from_row(r) for r in rows), key=lambda s: s.path)
     write_manifest(layout.storage, out_dir, manifest)
     return manifest
@@ -201,7 +214,8 @@ def prepare_external(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> l
             rows = parts[name]
             shard_files_with_ray(layout, root, layout.id_split(name), name,
                                  [files[i] for i in rows], [labels[i] for i in rows],
-                                 _id_manifest(cfg, name, names), cfg.data.shard_size)
+                                 _id_manifest(cfg, name, names), cfg.data.shard_size,
+                                 limits=ImageLimits.from_config(cfg.data))
             written.append(f"id/{name} ({len(rows)} images)")
     return written
 
@@ -226,7 +240,8 @@ def prepare_extra_ood(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> 
                 raise ValueError(f"OOD set {source.name}: no images under {source.path}")
             shard_files_with_ray(layout, source.path, out_dir, source.name, files,
                                  [-1] * len(files),
-                                 manifest, cfg.data.shard_size)
+                                 manifest, cfg.data.shard_size,
+                                 limits=ImageLimits.from_config(cfg.data))
             written.append(f"ood/{source.name} ({len(files)} images)")
         else:
             images = _webdataset_images(source, cfg.data.image_size, cfg.data.channels)
