@@ -181,6 +181,9 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
         parser.add_argument("--score", help="predict: the score (default detector.score)")
         parser.add_argument("--out", default="predictions.csv",
                             help="predict: output rows, .csv or .parquet (default %(default)s)")
+        parser.add_argument("--skip-bad", action="store_true",
+                            help="predict: an unreadable image is a row with its error, not the "
+                                 "end of the run")
     parser.add_argument("rest", nargs="*", metavar="CONFIG_OR_KEY=VALUE",
                         help="the config path (if --config is not given), then dotted "
                              "overrides such as train.epochs=3")
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
 
         overrides, paths = _split_paths(overrides)
         run = functools.partial(run, request=PredictRequest(args.run, args.score, args.out,
-                                                            paths))
+                                                            paths, args.skip_bad))
     try:
         cfg = load_config(config_path, overrides, args.ood)
     except ConfigError as err:

@@ -1,9 +1,11 @@
 """`oodscale predict CONFIG --run RUN PATH...`: score image files and folders with a trained,
-calibrated classifier and write one row per image (path, score, is_ood, predicted class).
+calibrated classifier and write one row per image (path, score, is_ood, predicted class, and
+`error`: empty, or with `--skip-bad` why the file could not be read).
 
 Folders are listed, then read, decoded and scored a batch at a time, so a folder far larger
 than memory streams through; rows go to the output file batch by batch, which appears under its
-name only when every image was scored.
+name only when every file was scored (or, with `--skip-bad`, listed with its error). A run
+stopped by an unreadable file keeps the rows before it in `<out stem>.partial<suffix>`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import os
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from oodscale.config import ExperimentConfig
-from oodscale.data.images import IMAGE_SUFFIXES, ImageLimits, image_files
+from oodscale.data.images import IMAGE_SUFFIXES, BadImageError, ImageLimits, list_folder
 from oodscale.runtime import RunLayout, open_storage
 
 
@@ -34,21 +37,25 @@ class PredictRequest:
     score: str | None
     out: str
     paths: list[str]
+    skip_bad: bool = False  # an unreadable file is a row with its `error`, not the end
 
 
-def iter_image_paths(paths: list[str]) -> Iterator[str]:
-    """Every image a path names: a file as given, a folder's images (recursive, sorted)."""
+def iter_image_paths(paths: list[str], skipped: list[str] | None = None) -> Iterator[str]:
+    """Every image a path names: a file as given, a folder's images (recursive, sorted; what
+    a folder holds beside them is said in lines appended to `skipped`)."""
     for path in paths:
         storage = open_storage(path)
         info = storage.fs.get_file_info(storage.base)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{path} not found")
         if info.type == pafs.FileType.Directory:
-            found = image_files(storage, storage.base)
-            if not found:
-                raise ValueError(f"folder {path} holds no images with suffixes "
-                                 f"{sorted(IMAGE_SUFFIXES)}")
-            yield from (storage.uri_of(p) for p in found)
+            listing = list_folder(storage, storage.base)
+            if not listing.files:
+                raise ValueError(" ".join([f"folder {path} holds no images with suffixes "
+                                           f"{sorted(IMAGE_SUFFIXES)}", *listing.skipped()]))
+            if skipped is not None:
+                skipped += [f"{path}: {line}" for line in listing.skipped()]
+            yield from (storage.uri_of(p) for p in listing.files)
         else:
             yield storage.uri_of(storage.base)
 
@@ -78,10 +85,82 @@ def resolve_run(cfg: ExperimentConfig, layout: RunLayout, run: str | None) -> st
                      f"{storage.uri_of(layout.classifiers_dir)}; trained: {have}")
 
 
+ROW_SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("is_ood", pa.bool_()),
+                        ("pred", pa.string()), ("error", pa.string())])
+
+
+def _decode_all(pool: ThreadPoolExecutor, chunk: list[str], size: tuple[int, int],
+                limits: ImageLimits) -> list[np.ndarray | BadImageError]:
+    """Each file of `chunk` decoded (C×H×W uint8), or the error that says why it is not."""
+    from oodscale.detector import training_images
+
+    def one(path: str) -> np.ndarray | BadImageError:
+        try:
+            return training_images([path], *size, limits)[0]
+        except BadImageError as err:
+            return err
+        except OSError as err:  # unreadable: permissions, I/O, a file gone since the listing
+            return BadImageError(f"cannot read image {path}: {err}")
+
+    return list(pool.map(one, chunk))  # decoding in threads (PIL releases the GIL)
+
+
+@dataclass
+class _Tally:
+    scored: int = 0
+    flagged: int = 0
+    bad: list[str] = field(default_factory=list)
+    shown: list[str] = field(default_factory=list)
+
+
+def _score_rows(detector: Any, chunk: list[str], decoded: list[np.ndarray | BadImageError],
+                tally: _Tally) -> dict[str, list[Any]]:
+    """The output rows of `chunk`: the decoded images scored in one batch, the others rows
+    with their `error`."""
+    rows: dict[str, list[Any]] = {name: [None] * len(chunk) for name in ROW_SCHEMA.names}
+    rows["path"] = list(chunk)
+    good = [i for i, d in enumerate(decoded) if not isinstance(d, BadImageError)]
+    if good:
+        result = detector.predict_prepared(np.stack([decoded[i] for i in good]))
+        for j, i in enumerate(good):
+            rows["score"][i] = float(result.score[j])
+            rows["is_ood"][i] = bool(result.is_ood[j])
+            rows["pred"][i] = detector.class_names[int(result.pred[j])]
+        tally.scored += len(good)
+        tally.flagged += int(result.is_ood.sum())
+    for i, d in enumerate(decoded):
+        if isinstance(d, BadImageError):
+            rows["error"][i] = str(d)
+            tally.bad.append(chunk[i])
+    for path, score, is_ood, pred, error in zip(*rows.values(), strict=True):
+        if len(tally.shown) < 10:
+            tally.shown.append(f"  ERR {'':10}  {'':>6}  {path}" if error else
+                               f"  {'OOD' if is_ood else 'ID '} {score:10.4f}  {pred:>6}  {path}")
+    return rows
+
+
+def partial_path(out: Path) -> Path:
+    """Where the rows scored before an unreadable file stopped a run are kept."""
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
+
+
+def _stopped(err: BadImageError, scored: int, tmp: Path, out: Path) -> BadImageError:
+    """The error of a run stopped at an unreadable file, the rows before it kept aside."""
+    kept = "nothing was scored before it"
+    if scored:
+        os.replace(tmp, partial_path(out))
+        kept = f"the {scored} image(s) scored before it are kept in {partial_path(out)}"
+    return BadImageError(f"{err}; {kept}. Rerun with --skip-bad to score every readable file "
+                         f"and list unreadable ones as rows with an `error`")
+
+
 def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -> str:
     """Score every image of `request.paths`, write the rows to `request.out` (.csv or
-    .parquet), and say what was found."""
-    from oodscale.detector import Detector, training_images
+    .parquet), and say what was found and what was skipped.
+
+    An unreadable file stops the run naming it, the rows scored before it kept in
+    `partial_path(out)`; with `request.skip_bad` it is a row with its `error` instead."""
+    from oodscale.detector import Detector
 
     if not request.paths:
         raise ValueError("give at least one image file or folder to score")
@@ -90,34 +169,38 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
                              batch_size=cfg.evaluate.batch_size,
                              limits=ImageLimits.from_config(cfg.data))
     out = Path(request.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
-    schema = pa.schema([("path", pa.string()), ("score", pa.float64()),
-                        ("is_ood", pa.bool_()), ("pred", pa.string())])
     writer_type = pq.ParquetWriter if out.suffix == ".parquet" else pacsv.CSVWriter
-    total = flagged = 0
-    shown: list[str] = []
+    tally, skipped = _Tally(), []
+    stop: BadImageError | None = None
     size = (detector.image_size, detector.channels)
     try:
-        with writer_type(str(tmp), schema) as writer, ThreadPoolExecutor(4) as pool:
-            for chunk in _chunks(iter_image_paths(request.paths), detector.batch_size):
-                # decoding in threads (PIL releases the GIL); one image per call
-                images = np.concatenate(list(pool.map(
-                    lambda p: training_images([p], *size, detector.limits), chunk)))
-                result = detector.predict_prepared(images)
-                names = [detector.class_names[i] for i in result.pred]
-                writer.write_table(pa.table({"path": chunk, "score": result.score,
-                                             "is_ood": result.is_ood, "pred": names},
-                                            schema=schema))
-                total += len(chunk)
-                flagged += int(result.is_ood.sum())
-                shown += [f"  {'OOD' if o else 'ID '} {s:10.4f}  {n:>6}  {p}" for p, s, o, n
-                          in zip(chunk, result.score, result.is_ood, names, strict=True)
-                          ][:max(0, 10 - len(shown))]
-        out.parent.mkdir(parents=True, exist_ok=True)
+        with writer_type(str(tmp), ROW_SCHEMA) as writer, ThreadPoolExecutor(4) as pool:
+            for chunk in _chunks(iter_image_paths(request.paths, skipped), detector.batch_size):
+                decoded = _decode_all(pool, chunk, size, detector.limits)
+                first = next((i for i, d in enumerate(decoded) if isinstance(d, BadImageError)),
+                             None)
+                if first is not None and not request.skip_bad:
+                    stop, chunk, decoded = decoded[first], chunk[:first], decoded[:first]
+                if chunk:
+                    writer.write_table(pa.table(_score_rows(detector, chunk, decoded, tally),
+                                                schema=ROW_SCHEMA))
+                if stop is not None:
+                    break
+        if stop is not None:
+            raise _stopped(stop, tally.scored, tmp, out)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    more = f"\n  ... {total - len(shown)} more" if total > len(shown) else ""
-    return (f"{detector.describe()}\n" + "\n".join(shown) + more +
-            f"\n{flagged} of {total} images flagged OOD ({100 * flagged / total:.1f}%); "
-            f"rows in {out}")
+    rows = tally.scored + len(tally.bad)
+    lines = [detector.describe(), *tally.shown]
+    if rows > len(tally.shown):
+        lines.append(f"  ... {rows - len(tally.shown)} more")
+    lines.append(f"{tally.flagged} of {tally.scored} images flagged OOD "
+                 f"({100 * tally.flagged / max(tally.scored, 1):.1f}%)")
+    if tally.bad:
+        more = f", ... {len(tally.bad) - 5} more" if len(tally.bad) > 5 else ""
+        lines.append(f"{len(tally.bad)} file(s) could not be read (rows with an `error`): "
+                     f"{', '.join(tally.bad[:5])}{more}")
+    return "\n".join([*lines, *skipped, f"rows in {out}"])

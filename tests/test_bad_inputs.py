@@ -273,3 +273,101 @@ def test_only_the_supported_image_formats_are_opened(tmp_path):
     with pytest.raises(BadImageError, match=r"cannot decode image .*really_a_gif.png.*formats "
                                             r"read: JPEG, PNG"):
         training_images([path], 16, 1)
+
+
+@pytest.fixture
+def calibrated(tmp_path):
+    """A calibrated three-class digits classifier written by hand (untrained weights; no Ray):
+    enough for `predict` to load, score and decide. Returns (config, layout, run)."""
+    from oodscale.classify.checkpoints import classifier_from_card
+    from oodscale.evaluate.calibration import CALIBRATION, weights_sha256
+    from oodscale.runtime import layout_for
+
+    cfg = load_config(CONFIG, [f"storage.root={tmp_path / 'runs'}", "evaluate.batch_size=2"])
+    layout = layout_for(cfg)
+    card = {"backbone": "smallcnn", "loss": "softmax", "channels": 1, "image_size": 16,
+            "num_classes": 3, "embedding_dim": 8, "head_options": {}, "run": "x-none-s0",
+            "class_names": ["a", "b", "c"]}
+    directory = Path(layout.classifier_dir("x-none-s0"))
+    save_classifier(classifier_from_card(card), card, directory)
+    (directory / CALIBRATION).write_text(json.dumps({
+        "default_score": "energy", "tpr_target": 0.95,
+        "set_on": {"split": "val", "images": 10},
+        "weights_sha256": weights_sha256(layout.storage, str(directory)),
+        "scores": {"energy": {"threshold": -1e9, "val_accepted": 1.0}}}))
+    return cfg, layout, "x-none-s0"
+
+
+def _hostile_folder(folder: Path) -> list[Path]:
+    """Two good images, then a truncated PNG, a text file named .png and an empty .jpg, and a
+    file without an image suffix. Returns the three bad files."""
+    folder.mkdir()
+    for name in ("a_good.png", "z_good.png"):
+        Image.fromarray(np.full((20, 20), 99, np.uint8)).save(folder / name)
+    whole = (folder / "a_good.png").read_bytes()
+    bad = [folder / "b_truncated.png", folder / "c_text.png", folder / "d_empty.jpg"]
+    bad[0].write_bytes(whole[:len(whole) // 2])
+    bad[1].write_text("this is not a picture\n")
+    bad[2].write_bytes(b"")
+    (folder / "notes.txt").write_text("a note")
+    return bad
+
+
+def test_predict_skip_bad_lists_unreadable_files_as_rows_and_goes_on(calibrated, tmp_path):
+    import pandas as pd
+
+    from oodscale.predict import PredictRequest, predict
+
+    cfg, layout, run = calibrated
+    bad = _hostile_folder(tmp_path / "mine")
+    out = tmp_path / "rows.csv"
+    summary = predict(cfg, layout, PredictRequest(run, None, str(out), [str(tmp_path / "mine")],
+                                                  skip_bad=True))
+    rows = pd.read_csv(out)
+    assert list(rows.columns) == ["path", "score", "is_ood", "pred", "error"]
+    assert len(rows) == 5 and rows["path"].str.endswith("notes.txt").sum() == 0
+    errors = rows.set_index(rows["path"].map(lambda p: Path(p).name))["error"]
+    assert errors[["a_good.png", "z_good.png"]].isna().all()
+    assert rows.loc[rows["error"].isna(), "score"].notna().all()
+    assert rows.loc[rows["error"].notna(), "score"].isna().all()
+    for path in bad:
+        assert str(path) in errors[path.name]
+    assert "3 file(s) could not be read" in summary
+    assert "1 file(s) without an image suffix, skipped" in summary and "notes.txt" in summary
+    assert "2 of 2 images flagged OOD" not in summary  # threshold -1e9: none is OOD
+    assert "0 of 2 images flagged OOD" in summary
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_predict_without_skip_bad_names_the_file_and_keeps_what_was_scored(calibrated, tmp_path,
+                                                                          which):
+    import pandas as pd
+
+    from oodscale.data.images import BadImageError
+    from oodscale.predict import PredictRequest, predict
+
+    cfg, layout, run = calibrated
+    folder = tmp_path / "mine"
+    bad = _hostile_folder(folder)[which]
+    for other in {"b_truncated.png", "c_text.png", "d_empty.jpg"} - {bad.name}:
+        (folder / other).unlink()
+    out = tmp_path / "rows.parquet"
+    with pytest.raises(BadImageError, match="--skip-bad") as caught:
+        predict(cfg, layout, PredictRequest(run, None, str(out), [str(folder)]))
+    assert str(bad) in str(caught.value) and "kept in" in str(caught.value)
+    assert not out.exists()  # no output that looks finished
+    kept = pd.read_parquet(tmp_path / "rows.partial.parquet")
+    assert list(kept["path"]) == [str(folder / "a_good.png")]  # scored before the bad file
+    assert kept["score"].notna().all()
+    assert not list(tmp_path.glob(".rows*"))  # no temp file left
+
+
+def test_predict_cli_takes_skip_bad(calibrated, tmp_path, capsys):
+    cfg, layout, run = calibrated
+    bad = _hostile_folder(tmp_path / "mine")
+    base = ["predict", CONFIG, f"storage.root={cfg.storage.root}", "--run", run,
+            str(tmp_path / "mine"), "--out", str(tmp_path / "rows.csv")]
+    assert main(base) == 1
+    assert str(bad[0]) in capsys.readouterr().err
+    assert main([*base, "--skip-bad"]) == 0
+    assert "3 file(s) could not be read" in capsys.readouterr().out

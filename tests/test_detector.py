@@ -165,7 +165,8 @@ def test_predict_scores_a_folder_of_any_images(digits_experiment, tmp_path, caps
     assert main(["predict", CONFIG, *overrides, "--run", RUN, str(folder), "--out",
                  str(out)]) == 0
     rows = pd.read_csv(out)
-    assert list(rows.columns) == ["path", "score", "is_ood", "pred"]
+    assert list(rows.columns) == ["path", "score", "is_ood", "pred", "error"]
+    assert rows["error"].isna().all()
     assert len(rows) == 9 and rows["path"].str.endswith("notes.txt").sum() == 0
     from oodscale import Detector
 
