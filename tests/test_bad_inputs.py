@@ -371,3 +371,120 @@ def test_predict_cli_takes_skip_bad(calibrated, tmp_path, capsys):
     assert str(bad[0]) in capsys.readouterr().err
     assert main([*base, "--skip-bad"]) == 0
     assert "3 file(s) could not be read" in capsys.readouterr().out
+
+
+def _tar_of(members: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _png_bytes(value: int = 7) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((10, 10), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _gzip_bomb_named_tar(path: Path, member_mb: int = 8) -> None:
+    """A gzip file named .tar whose one member expands to `member_mb` MB of zeros (the issue's
+    was 199 KiB expanding to 200 MiB; the reader must refuse it before expanding anything)."""
+    import gzip
+
+    members = {"s0.png": _png_bytes(), "s0.json": b"{}", "s1.png": bytes(member_mb << 20)}
+    path.write_bytes(gzip.compress(_tar_of(members), compresslevel=9))
+
+
+def test_gzip_named_tar_is_refused_as_not_a_plain_tar(tmp_path):
+    from oodscale.data.shards import ShardError, iter_raw_samples
+
+    _gzip_bomb_named_tar(tmp_path / "x-000000.tar")
+    storage = open_storage(str(tmp_path))
+    assert (tmp_path / "x-000000.tar").stat().st_size < 64 << 10
+    with pytest.raises(ShardError, match=r"x-000000.tar is gzip-compressed, not a plain tar"):
+        list(iter_raw_samples(storage, str(tmp_path / "x-000000.tar")))
+
+
+def test_listed_compressed_shard_is_refused_by_the_checked_path(tmp_path):
+    """A crafted manifest listing a gzip with its right sha256 and size: every reader (Ray
+    Data's `r|*` one included) goes through the shard check, which refuses it."""
+    import hashlib
+
+    from oodscale.data.shards import Manifest, ShardError, ShardInfo, verify_shards, write_manifest
+
+    shard = tmp_path / "test-000000.tar"
+    _gzip_bomb_named_tar(shard)
+    data = shard.read_bytes()
+    storage = open_storage(str(tmp_path))
+    write_manifest(storage, str(tmp_path), Manifest(
+        kind="ood", split="test", image_size=10, channels=1, class_names=[],
+        shards=[ShardInfo(shard.name, 2, hashlib.sha256(data).hexdigest(), len(data))]))
+    with pytest.raises(ShardError, match="gzip-compressed, not a plain tar"):
+        verify_shards(storage, str(tmp_path))
+    with pytest.raises(ShardError, match="gzip-compressed"):
+        load_arrays(storage, str(tmp_path))
+
+
+def test_tar_member_over_the_cap_is_refused_before_it_is_read(tmp_path):
+    from oodscale.data.shards import ShardError, iter_raw_samples
+
+    path = tmp_path / "big.tar"
+    path.write_bytes(_tar_of({"s0.png": _png_bytes(), "s0.json": b"{}",
+                              "s1.png": bytes(3000), "s1.json": b"{}"}))
+    storage = open_storage(str(tmp_path))
+    with pytest.raises(ShardError, match=r"member s1.png of shard .*big.tar is 0.0 MB, above the "
+                                         r"cap .*data.max_image_mb"):
+        list(iter_raw_samples(storage, str(path), max_member=2000))
+    assert len(list(iter_raw_samples(storage, str(path)))) == 2  # under the default cap
+
+
+@pytest.mark.parametrize("bad_path", ["../x.tar", "/etc/x.tar", "sub/x.tar", "..", ""])
+def test_manifest_shard_path_outside_its_directory_is_refused(tmp_path, bad_path):
+    from oodscale.data.shards import ShardError
+
+    (tmp_path / "x.tar").write_bytes(_tar_of({"s0.png": _png_bytes(), "s0.json": b"{}"}))
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "manifest.json").write_text(json.dumps({
+        "kind": "ood", "split": "test", "image_size": 10, "channels": 1, "class_names": [],
+        "shards": [{"path": bad_path, "count": 1, "sha256": "0" * 64}]}))
+    with pytest.raises(ShardError, match="is malformed .*not a plain file name"):
+        read_manifest(open_storage(str(tmp_path)), str(tmp_path / "set"))
+
+
+def _byo_config(tmp_path: Path, shards: Path, *extra: str):
+    from oodscale.runtime import layout_for
+
+    cfg = load_config(CONFIG, [f"storage.root={tmp_path / 'runs'}", "data.shard_size=2",
+                               *extra], [f"theirs={shards},webdataset"])
+    return cfg, layout_for(cfg)
+
+
+def test_byo_webdataset_set_is_read_through_the_checked_path(tmp_path):
+    from oodscale.data.shards import ShardError
+    from oodscale.data.sources import prepare_extra_ood
+
+    shards = tmp_path / "theirs"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(_tar_of({f"s{i}.png": _png_bytes(i) for i in range(5)}))
+    cfg, layout = _byo_config(tmp_path, shards)
+    assert prepare_extra_ood(cfg, layout, force=True) == ["ood/theirs (5 images)"]
+    images, _ = load_arrays(layout.storage, layout.ood_set("theirs"))
+    assert images.shape == (5, 16, 16, 1)
+    assert len(read_manifest(layout.storage, layout.ood_set("theirs")).shards) == 3
+    _gzip_bomb_named_tar(shards / "b.tar")  # a gzip among them
+    with pytest.raises(ShardError, match="b.tar is gzip-compressed, not a plain tar"):
+        prepare_extra_ood(cfg, layout, force=True)
+    (shards / "b.tar").write_bytes(_tar_of({"t0.png": b"text, not an image"}))
+    with pytest.raises(ValueError, match=r"cannot decode image .*b.tar:t0"):
+        prepare_extra_ood(cfg, layout, force=True)
+    (shards / "b.tar").write_bytes(b"neither gzip nor tar" * 40)
+    with pytest.raises(ShardError, match="OOD set theirs: cannot read .*b.tar as a tar"):
+        prepare_extra_ood(cfg, layout, force=True)

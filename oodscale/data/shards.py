@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,9 +21,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
-from oodscale.data.images import SHARD_FORMATS, open_image
+from oodscale.data.images import DEFAULT_LIMITS, SHARD_FORMATS, open_image
 from oodscale.runtime import Storage
 
 MANIFEST = "manifest.json"
@@ -70,7 +71,19 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
         raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
+        for shard in raw["shards"]:
+            plain_shard_name(shard.path)
         return cls(**raw)
+
+
+def plain_shard_name(path: Any) -> str:
+    """A manifest's shard `path`: a plain file name in the manifest's own directory, never a
+    path that leads elsewhere (`../x.tar`, `/abs/x.tar`, `sub/x.tar`)."""
+    if (not isinstance(path, str) or path in ("", ".", "..")
+            or any(c in path for c in "/\\\x00")):
+        raise ValueError(f"shard path {path!r} is not a plain file name in the manifest's "
+                         f"directory")
+    return path
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -183,14 +196,16 @@ def shard_problem(storage: Storage, directory: str, info: ShardInfo) -> str | No
     if info.size is not None and found.size != info.size:
         return (f"shard {storage.uri_of(path)} is corrupt (size {found.size} bytes != manifest "
                 f"{info.size}); delete it and its manifest entry and rerun")
-    digest = hashlib.sha256()
+    digest, head = hashlib.sha256(), None
     with storage.fs.open_input_stream(path) as stream:
         while chunk := stream.read(_HASH_CHUNK):
+            head = chunk[:8] if head is None else head
             digest.update(chunk)
     if digest.hexdigest() != info.sha256:
         return (f"shard {storage.uri_of(path)} is corrupt (sha256 {digest.hexdigest()[:12]}… != "
                 f"manifest {info.sha256[:12]}…); delete it and its manifest entry and rerun")
-    return None
+    compression = compression_of(head or b"")  # Ray Data's reader would expand it ("r|*")
+    return _not_plain(storage, path, compression) if compression else None
 
 
 def damaged_shards(storage: Storage, directory: str, shards: list[ShardInfo],
@@ -244,11 +259,67 @@ def _raise_first(damaged: list[tuple[ShardInfo, str]]) -> None:
         raise ShardError(damaged[0][1] + more)
 
 
-def iter_raw_samples(storage: Storage, path: str) -> Iterator[dict[str, Any]]:
-    """Undecoded WebDataset samples ({"__key__", extension: bytes, ...}) of one tar."""
-    stream = io.BytesIO(storage.read_bytes(path))
-    files = ({**f, "__url__": path} for f in tar_file_iterator(stream))
-    yield from group_by_keys(files)
+# The first bytes of the compressed formats `tarfile`'s "r|*" would silently expand.
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+                     b"\x28\xb5\x2f\xfd": "zstd", b"\x04\x22\x4d\x18": "lz4"}
+MAX_MEMBER_BYTES = DEFAULT_LIMITS.max_bytes  # a tar member larger than this is not read
+
+
+def compression_of(head: bytes) -> str | None:
+    """The compression a file starting with `head` is in (gzip, ...), None for none."""
+    return next((name for magic, name in COMPRESSION_MAGIC.items() if head.startswith(magic)),
+                None)
+
+
+def _not_plain(storage: Storage, path: str, compression: str) -> str:
+    return (f"shard {storage.uri_of(path)} is {compression}-compressed, not a plain tar: "
+            f"oodscale reads uncompressed WebDataset tars only (a compressed member can expand "
+            f"far beyond the file); decompress it (e.g. `gunzip -c x.tar.gz > x.tar`)")
+
+
+class _Rejoined:
+    """A read-only stream whose first bytes were read ahead (to check them) and are given back."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:size], self.head[size:]
+        return out + (self.stream.read(size - len(out)) if len(out) < size else b"")
+
+
+def _tar_members(storage: Storage, path: str, max_member: int) -> Iterator[dict[str, Any]]:
+    """{"fname", "data", "__url__"} of each regular file of a plain (uncompressed) tar,
+    streamed; a compressed file or a member above `max_member` bytes is a ShardError before
+    anything is expanded or read."""
+    with storage.fs.open_input_stream(path) as raw:
+        head = raw.read(8)
+        compression = compression_of(head)
+        if compression:
+            raise ShardError(_not_plain(storage, path, compression))
+        with tarfile.open(fileobj=_Rejoined(head, raw), mode="r|") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue  # directories, links: never followed
+                if member.size > max_member:
+                    raise ShardError(
+                        f"member {member.name} of shard {storage.uri_of(path)} is "
+                        f"{member.size / 2**20:.1f} MB, above the cap of "
+                        f"{max_member / 2**20:.1f} MB for one sample file (data.max_image_mb)")
+                handle = archive.extractfile(member)
+                yield {"fname": member.name, "data": handle.read() if handle else b"",
+                       "__url__": path}
+
+
+def iter_raw_samples(storage: Storage, path: str,
+                     max_member: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
+    """Undecoded WebDataset samples ({"__key__", extension: bytes, ...}) of one plain tar."""
+    yield from group_by_keys(_tar_members(storage, path, max_member))
 
 
 def iter_samples(storage: Storage, path: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:

@@ -8,6 +8,9 @@ one whole shard per task, so shards are deterministic and the driver only writes
 
 from __future__ import annotations
 
+import itertools
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from oodscale.data.images import (
 )
 from oodscale.data.shards import (
     Manifest,
+    ShardError,
     ShardInfo,
     iter_raw_samples,
     shard_name,
@@ -244,25 +248,50 @@ def prepare_extra_ood(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> 
                                  limits=ImageLimits.from_config(cfg.data))
             written.append(f"ood/{source.name} ({len(files)} images)")
         else:
-            images = _webdataset_images(source, cfg.data.image_size, cfg.data.channels)
-            write_split(layout.storage, out_dir, source.name, images,
-                        [{"label": -1}] * len(images), cfg.data.shard_size, manifest)
-            written.append(f"ood/{source.name} ({len(images)} images)")
+            count = _reshard_webdataset(cfg, layout, source, out_dir, manifest)
+            written.append(f"ood/{source.name} ({count} images)")
     return written
 
 
-def _webdataset_images(source: OODSetSource, size: int, channels: int) -> np.ndarray:
-    """Every image of a user's WebDataset shards (any image member), resized."""
+def _webdataset_images(source: OODSetSource, size: int, channels: int,
+                       limits: ImageLimits) -> Iterator[np.ndarray]:
+    """Every image of a user's WebDataset shards (any image member), resized, one at a time:
+    read through the checked tar reader (plain tar only, members capped) and the checked
+    image opener (`limits`, supported formats only)."""
     storage = open_storage(source.path)
     tars = list_folder(storage, storage.base, {".tar"}).files
     if not tars:
         raise ValueError(f"OOD set {source.name}: no .tar shards under {source.path}")
-    images = []
     for tar in tars:
-        for sample in iter_raw_samples(storage, tar):
-            key = next((k for k in sample if "." + k.split(".")[-1] in IMAGE_SUFFIXES), None)
-            if key is None:
-                raise ValueError(f"OOD set {source.name}: sample {sample['__key__']} in {tar} "
-                                 f"has no image member")
-            images.append(decode_image(sample[key], size, channels, f"{tar}:{sample['__key__']}"))
-    return np.stack(images)
+        try:
+            for sample in iter_raw_samples(storage, tar, limits.max_bytes):
+                key = next((k for k in sample if "." + k.split(".")[-1] in IMAGE_SUFFIXES), None)
+                if key is None:
+                    raise ValueError(f"OOD set {source.name}: sample {sample['__key__']} in "
+                                     f"{tar} has no image member")
+                yield decode_image(sample[key], size, channels, f"{tar}:{sample['__key__']}",
+                                   limits)
+        except tarfile.TarError as err:
+            raise ShardError(f"OOD set {source.name}: cannot read {storage.uri_of(tar)} as a "
+                             f"tar ({err}); give uncompressed WebDataset shards") from None
+
+
+def _reshard_webdataset(cfg: ExperimentConfig, layout: RunLayout, source: OODSetSource,
+                        out_dir: str, manifest: Manifest) -> int:
+    """A user's WebDataset OOD set re-sharded at the ID image size, a shard in memory at a
+    time (never the whole set), then the manifest (last); returns the image count."""
+    size = cfg.data.shard_size
+    images = _webdataset_images(source, cfg.data.image_size, cfg.data.channels,
+                                ImageLimits.from_config(cfg.data))
+    layout.storage.makedirs(out_dir)
+    manifest.shards, count = [], 0
+    while chunk := list(itertools.islice(images, size)):
+        samples = ((f"{source.name}_{count + i:08d}", image, {"label": -1})
+                   for i, image in enumerate(chunk))
+        manifest.shards.append(write_shard(layout.storage, out_dir,
+                                           shard_name(source.name, len(manifest.shards)), samples))
+        count += len(chunk)
+    if not count:
+        raise ValueError(f"OOD set {source.name}: no images in the shards under {source.path}")
+    write_manifest(layout.storage, out_dir, manifest)
+    return count
