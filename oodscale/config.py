@@ -68,6 +68,15 @@ def _yaml_no(value: Any) -> Any:
 
 MixedPrecision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml_no)]
 SamplingPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_yaml_no)]
+# Upper bounds: generous for ImageNet-scale runs, small enough that a typo (an extra 000, 1e12)
+# is refused naming its key rather than building a billion-item list or allocating terabytes.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+ClassIndex = Annotated[int, Field(ge=0, le=1_000_000)]
+MAX_BATCH = 65_536
+MAX_WORKERS = 4_096
+MAX_CPUS = 1_024.0
+MAX_EPOCHS = 100_000
+MAX_SAMPLES = 1_000_000_000  # images one set or one generation run may hold
 
 
 class ConfigError(ValueError):
@@ -75,7 +84,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class StorageConfig(_Section):
@@ -85,8 +94,9 @@ class StorageConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Cluster address; None = RAY_ADDRESS or local.")
     num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs of a local Ray (default: max(4, 2 x cores)).")
-    object_store_mb: int = Field(512, ge=64)
+        None, ge=1, le=MAX_WORKERS * 16,
+        description="Logical CPUs of a local Ray (default: max(4, 2 x cores)).")
+    object_store_mb: int = Field(512, ge=64, le=4 << 20)
 
 
 class OODSetSource(_Section):
@@ -105,19 +115,20 @@ class DataConfig(_Section):
                           "fashion_mnist: Debian's /usr/share/datasets/fashion-mnist).")
     image_size: int = Field(16, ge=8, le=512)
     channels: Literal[1, 3] = 1
-    id_classes: list[int] | None = Field(
+    id_classes: list[ClassIndex] | None = Field(
         None, description="Keep only these classes as ID (open-set split); None = all.")
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     max_train_per_class: int | None = Field(
-        None, ge=2, description="Keep at most this many training images of each ID class "
+        None, ge=2, le=MAX_SAMPLES,
+        description="Keep at most this many training images of each ID class "
                                 "(fixed draw), to fit a benchmark to a machine; None = all.")
     max_test_per_class: int | None = Field(
-        None, ge=1, description="The same cap on the ID test images; None = all.")
+        None, ge=1, le=MAX_SAMPLES, description="The same cap on the ID test images; None = all.")
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0,
         description="Share of the training images held out as the ID validation split "
                     "(data/id/val; stratified, never trained on); 0 = none.")
-    shard_size: int = Field(512, ge=1)
+    shard_size: int = Field(512, ge=1, le=1_000_000)
     max_image_mb: float = Field(
         64.0, gt=0.0, le=4096.0,
         description="A user's image file larger than this is refused before it is read "
@@ -129,7 +140,7 @@ class DataConfig(_Section):
     ood_sets: list[BuiltinOOD] = Field(
         default_factory=lambda: ["textures", "photos", "gaussian", "uniform", "rademacher",
                                  "blobs"])
-    ood_samples: int = Field(300, ge=8, description="Images per built-in OOD set.")
+    ood_samples: int = Field(300, ge=8, le=10_000_000, description="Images per built-in OOD set.")
     extra_ood: list[OODSetSource] = Field(default_factory=list)
     near_ood: list[str] = Field(default_factory=lambda: ["openset"])
     val_ood_sets: list[ValidationOOD] | None = Field(
@@ -163,37 +174,39 @@ class DataConfig(_Section):
 class WorkerConfig(_Section):
     """How a Ray Train stage is spread: fractional CPUs keep 2-core machines from starving."""
 
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0.0)
+    num_workers: int = Field(2, ge=1, le=MAX_WORKERS)
+    cpus_per_worker: float = Field(0.5, gt=0.0, le=MAX_CPUS)
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
     mixed_precision: MixedPrecision = "no"
     torch_threads: int | None = Field(
-        None, ge=1,
+        None, ge=1, le=1_024,
         description="Torch CPU threads per worker; None = Ray's default (the worker's CPUs, at "
                     "least 1). On a small CPU-only machine a lone worker trains faster with all "
                     "cores.")
     cache_mb: float = Field(
-        1024.0, ge=0.0,
+        1024.0, ge=0.0, le=float(1 << 20),
         description="A dataset whose rows for one worker fit in this many MB (uint8) is read once "
                     "per run and kept on the worker's device; larger ones stream every pass.")
 
 
 class DiffusionConfig(WorkerConfig):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=MAX_WORKERS)
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 32])
-    layers_per_block: int = Field(1, ge=1)
+    layers_per_block: int = Field(1, ge=1, le=16)
     attention: bool = Field(False, description="Self-attention at the lowest resolution.")
-    timesteps: int = Field(1000, ge=10)
+    timesteps: int = Field(1000, ge=10, le=100_000)
     p_uncond: float = Field(0.1, ge=0.0, lt=1.0)
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0.0)
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    lr: float = Field(2e-3, gt=0.0, le=10.0)
 
     @field_validator("block_out_channels")
     @classmethod
     def _channels(cls, v: list[int]) -> list[int]:
         if not v or any(c < 8 or c % 8 for c in v):
             raise ValueError("each entry must be a multiple of 8 (GroupNorm groups), at least one")
+        if len(v) > 8 or max(v) > 8192:
+            raise ValueError("at most 8 entries, each at most 8192 channels")
         return v
 
 
@@ -204,7 +217,7 @@ class LambdaConfig(_Section):
     value: float = Field(0.5, ge=0.0, le=1.0)
     low: float = Field(0.3, ge=0.0, le=1.0)
     high: float = Field(0.7, ge=0.0, le=1.0)
-    alpha: float = Field(2.0, gt=0.0)
+    alpha: float = Field(2.0, gt=0.0, le=1000.0)
 
     @model_validator(mode="after")
     def _interval(self) -> LambdaConfig:
@@ -226,22 +239,22 @@ class GenerateConfig(_Section):
                           "None = the pipeline's id2label. ID classes map to these by name.")
     image_format: Literal["png", "jpg"] = "png"
     jpeg_quality: int = Field(90, ge=1, le=100)
-    num_shards: int = Field(4, ge=1)
-    samples_per_shard: int = Field(256, ge=1)
+    num_shards: int = Field(4, ge=1, le=1_000_000)
+    samples_per_shard: int = Field(256, ge=1, le=1_000_000)
     lam: LambdaConfig = Field(default_factory=LambdaConfig)
     mode: Literal["mix", "sum"] = "mix"
-    guidance: float = Field(3.0, ge=0.0)
+    guidance: float = Field(3.0, ge=0.0, le=100.0)
     sampler: str = Field("ddim", description="ddim, ddpm or dpmsolver (DPM-Solver++, 15-25 "
                                              "steps); see oodscale/diffusion/samplers.py")
-    steps: int = Field(50, ge=1)
+    steps: int = Field(50, ge=1, le=100_000)
     mixed_precision: SamplingPrecision = Field(
         "auto", description="Sampling precision: auto = bf16 where the device computes it "
                             "natively (GPUs, CPUs with AVX-512 BF16 or AMX), fp32 elsewhere.")
-    batch_size: int = Field(256, ge=1)
-    concurrency: int = Field(2, ge=1)
-    cpus_per_actor: float = Field(0.5, gt=0.0)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    concurrency: int = Field(2, ge=1, le=MAX_WORKERS)
+    cpus_per_actor: float = Field(0.5, gt=0.0, le=MAX_CPUS)
     use_gpu: bool | None = None
-    grid_per_class: int = Field(6, ge=1)
+    grid_per_class: int = Field(6, ge=1, le=1_000)
     filter_tau: float = Field(
         0.9, gt=0.0, le=1.0,
         description="-filtered variants drop samples a plain ID classifier gives MSP > tau.")
@@ -264,6 +277,10 @@ class GenerateConfig(_Section):
         if not GENERATORS[self.generator].trained_here and not self.pretrained:
             raise ValueError(f"generate.generator={self.generator} is pretrained: set "
                              f"generate.pretrained to its directory or hub id")
+        if self.num_shards * self.samples_per_shard > MAX_SAMPLES:
+            raise ValueError(f"generate.num_shards x generate.samples_per_shard = "
+                             f"{self.num_shards * self.samples_per_shard:,} samples, above the "
+                             f"{MAX_SAMPLES:,} one generation run may draw")
         return self
 
 
@@ -279,24 +296,26 @@ class TrainConfig(WorkerConfig):
         default_factory=lambda: ["none", "labelmix"],
         description="none, noise, pixelmix, labelmix, labelmix-w<g>, each labelmix -filtered "
                     "and +noise / +pixelmix (half each).")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], max_length=1_000)
     extra_cells: list[CellGroup] = Field(
         default_factory=list, description="Cells beyond losses x outliers, each group its own "
                                           "losses x outliers, all at train.seeds.")
     backbone: Literal["smallcnn", "resnet18", "resnet50", "wrn40_2"] = "smallcnn"
-    embedding_dim: int = Field(64, ge=2)
+    embedding_dim: int = Field(64, ge=2, le=65_536)
     head_options: dict[str, dict[str, float]] = Field(
         default_factory=lambda: {"arcface": {"margin": 28.6, "scale": 16.0},
                                  "cosface": {"margin": 0.2, "scale": 16.0},
                                  "sphereface": {"margin": 2.0, "scale": 1.0}},
         description="Per-loss constructor options (pytorch-metric-learning units).")
-    epochs: int = Field(15, ge=1)
-    steps_per_epoch: int | None = Field(None, ge=1, description="None = one pass over ID data.")
-    batch_size: int = Field(64, ge=2, description="ID images per worker per step.")
-    outlier_batch_size: int = Field(64, ge=1, description="Outliers per worker per step.")
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
-    lambda_oe: float = Field(0.5, ge=0.0)
+    epochs: int = Field(15, ge=1, le=MAX_EPOCHS)
+    steps_per_epoch: int | None = Field(None, ge=1, le=100_000_000,
+                                        description="None = one pass over ID data.")
+    batch_size: int = Field(64, ge=2, le=MAX_BATCH, description="ID images per worker per step.")
+    outlier_batch_size: int = Field(64, ge=1, le=MAX_BATCH,
+                                    description="Outliers per worker per step.")
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=10.0)
+    lambda_oe: float = Field(0.5, ge=0.0, le=1000.0)
     init_checkpoint: str | None = Field(
         None, description="A local torchvision ResNet checkpoint (safetensors, or a weights-only "
                           "torch file) to fine-tune from; resnet18/resnet50 above 64x64 only.")
@@ -333,15 +352,18 @@ class TrainConfig(WorkerConfig):
 
         for name, options in v.items():
             check_loss_options(name, options)
+            big = {k: x for k, x in options.items() if abs(x) > 1e6}
+            if big:
+                raise ValueError(f"{name} options {big}: each value must be within +-1e6")
         return v
 
 
 class EvaluateConfig(_Section):
     scores: list[ScoreName] = Field(
         default_factory=lambda: ["msp", "maxlogit", "energy", "maxcos"])
-    batch_size: int = Field(512, ge=1)
-    concurrency: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(0.5, gt=0.0)
+    batch_size: int = Field(512, ge=1, le=MAX_BATCH)
+    concurrency: int = Field(1, ge=1, le=MAX_WORKERS)
+    cpus_per_actor: float = Field(0.5, gt=0.0, le=MAX_CPUS)
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
 
 
@@ -364,7 +386,7 @@ class TrackingConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    seed: int = 0
+    seed: Seed = 0
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -488,3 +488,71 @@ def test_byo_webdataset_set_is_read_through_the_checked_path(tmp_path):
     (shards / "b.tar").write_bytes(b"neither gzip nor tar" * 40)
     with pytest.raises(ShardError, match="OOD set theirs: cannot read .*b.tar as a tar"):
         prepare_extra_ood(cfg, layout, force=True)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("generate.num_shards=1000000000", "generate.num_shards: Input should be less than or equal"),
+    ("data.shard_size=1.0e+12", "data.shard_size: Input should be less than or equal"),
+    ("data.shard_size=1e12", "data.shard_size: Input should be a valid integer"),
+    ("diffusion.timesteps=1.0e+12", "diffusion.timesteps: Input should be less than or equal"),
+    ("train.lr=inf", "train.lr: Input should be a finite number"),
+    ("train.lr=.nan", "train.lr: Input should be a finite number"),
+    ("diffusion.lr=-.inf", "diffusion.lr: Input should be a finite number"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("train.seeds=[0,-1]", "train.seeds.1: Input should be greater than or equal to 0"),
+    ("train.head_options={arcface: {margin: .inf}}", "train.head_options.arcface.margin: "
+                                                     "Input should be a finite number"),
+    ("generate.samples_per_shard=1000000", "generate.num_shards x generate.samples_per_shard "
+                                           "= 4,000,000 samples"),
+])
+def test_config_value_too_large_or_not_finite_is_refused_naming_the_key(override, message):
+    from oodscale.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIG, [override, *(["generate.num_shards=1001"]
+                                         if "x generate" in message else [])])
+    assert message.replace("4,000,000", "1,001,000,000") in str(caught.value)
+
+
+def test_every_numeric_config_key_has_an_upper_bound():
+    """Each int or float field (and each int in a list) has `le`/`lt`; the two free-form
+    numeric keys are checked by their validators instead."""
+    import typing
+
+    import annotated_types
+    from pydantic import BaseModel
+
+    from oodscale.config import ExperimentConfig
+
+    checked_by_validator = {"diffusion.block_out_channels", "train.head_options"}
+
+    def bounded(metadata: list) -> bool:
+        return any(isinstance(m, annotated_types.Le | annotated_types.Lt) for m in metadata)
+
+    def numeric(tp) -> list[tuple[type, list]]:
+        """(number type, its metadata) inside an annotation: int | None, list[Seed], ..."""
+        if typing.get_origin(tp) is typing.Annotated:
+            base, *meta = typing.get_args(tp)
+            return [(t, m + [x for f in meta for x in getattr(f, "metadata", [f])])
+                    for t, m in numeric(base)]
+        if tp in (int, float):
+            return [(tp, [])]
+        return [found for arg in typing.get_args(tp) for found in numeric(arg)]
+
+    unbounded = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{name}"
+            tp = info.annotation
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                walk(tp, f"{key}.")
+                continue
+            for _, meta in numeric(tp):
+                if not bounded(meta + list(info.metadata)) and key not in checked_by_validator:
+                    unbounded.append(key)
+
+    walk(ExperimentConfig, "")
+    assert unbounded == []
+    for config in sorted((ROOT / "configs").glob("*.yaml")):  # bounds fit every shipped config
+        load_config(config)
