@@ -556,3 +556,58 @@ def test_every_numeric_config_key_has_an_upper_bound():
     assert unbounded == []
     for config in sorted((ROOT / "configs").glob("*.yaml")):  # bounds fit every shipped config
         load_config(config)
+
+
+def _crafted_card(tmp_path: Path, loss: str = "softmax", **changes) -> Path:
+    """A finished classifier whose classifier.json is then altered by `changes`."""
+    from oodscale.classify.checkpoints import CARD, classifier_from_card
+
+    card = {"backbone": "smallcnn", "loss": loss, "channels": 1, "image_size": 16,
+            "num_classes": 3, "embedding_dim": 8, "head_options": {}, "run": "x",
+            "class_names": ["a", "b", "c"]}
+    save_classifier(classifier_from_card(card), card, tmp_path)
+    (tmp_path / CARD).write_text(json.dumps({**card, **changes}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("loss", "changes", "message"), [
+    # sized far beyond memory: refused by its values, nothing is built
+    ("softmax", {"embedding_dim": 10**9}, r"embedding_dim 1000000000 is not an integer in "
+                                          r"\[2, 65536\]"),
+    # within the bounds but 65536 x 1,000,000 (260 GB): built on the meta device, refused
+    ("softmax", {"embedding_dim": 65536, "num_classes": 10**6, "class_names": None},
+     r"tensor backbone\.embed\.bias is \(8,\) in model.safetensors but \(65536,\)"),
+    # a head that cannot be built on the meta device: its size is checked against the header
+    ("sphereface", {"embedding_dim": 65536, "num_classes": 10**6, "class_names": None},
+     r"its head \(65536 x 1000000\) is larger than the head weights model.safetensors holds"),
+    ("softmax", {"embedding_dim": 16}, r"tensor backbone\..* in the model the card describes"),
+    ("arcface", {"num_classes": 5, "class_names": list("abcde")}, r"tensor head\.\S+ is "
+                                                                  r"\(8, 3\)"),
+    ("softmax", {"backbone": "resnet1000"}, "backbone 'resnet1000' is none of"),
+    ("softmax", {"channels": 3.0}, r"channels 3.0 is not an integer"),
+    ("cosface", {"head_options": {"scale": float("inf")}}, "head_options .* are not finite"),
+    ("softmax", {"class_names": ["a"]}, r"class_names do not list num_classes \(3\) names"),
+])
+def test_crafted_classifier_card_is_refused_before_the_model_is_built(tmp_path, loss, changes,
+                                                                     message):
+    import time
+
+    directory = _crafted_card(tmp_path, loss, **changes)
+    started = time.time()
+    with pytest.raises(ValueError, match="classifier.json does not describe the weights beside "
+                                         "it: " + message) as caught:
+        load_classifier(directory)
+    assert "rerun `oodscale train`" in str(caught.value)
+    assert time.time() - started < 20  # nothing of the card's size was allocated
+
+
+def test_detector_refuses_a_crafted_card(calibrated):
+    from oodscale import Detector
+    from oodscale.classify.checkpoints import CARD
+
+    _, layout, run = calibrated
+    directory = Path(layout.classifier_dir(run))
+    card = json.loads((directory / CARD).read_text())
+    (directory / CARD).write_text(json.dumps({**card, "embedding_dim": 4096}))
+    with pytest.raises(ValueError, match="classifier.json does not describe the weights"):
+        Detector.load(directory)
