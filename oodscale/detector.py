@@ -30,7 +30,7 @@ from oodscale.data.sources import decode_image
 from oodscale.evaluate.calibration import ScoreReader, read_calibration
 from oodscale.runtime import Storage, open_storage
 
-ImageLike = str | Path | Image.Image | np.ndarray
+ImageLike = str | Path | Storage | Image.Image | np.ndarray  # Storage: a file as (fs, path)
 
 
 @dataclass
@@ -57,16 +57,18 @@ def training_images(images: Iterable[ImageLike] | np.ndarray, size: int, channel
                     limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """N×C×H×W uint8, each image converted and resized as `prepare` does for training data.
 
-    Items may be file paths (any storage URI), PIL images or uint8 arrays; an array with a
+    Items may be file paths (any storage URI, or a Storage whose base is the file), PIL images
+    or uint8 arrays; an array with a
     batch axis (N×H×W or N×H×W×C) is N images. Files are checked against `limits` before
     they are read and decoded (`oodscale.data.images`).
     """
     out = []
     for i, item in enumerate(images):
-        if isinstance(item, str | Path):
-            storage = open_storage(str(item))
-            data = read_image_bytes(storage, storage.base, limits, str(item))
-            image = decode_image(data, size, channels, str(item), limits)
+        if isinstance(item, str | Path | Storage):
+            storage = open_storage(item if isinstance(item, Storage) else str(item))
+            source = storage.uri if isinstance(item, Storage) else str(item)
+            data = read_image_bytes(storage, storage.base, limits, source)
+            image = decode_image(data, size, channels, source, limits)
         elif isinstance(item, Image.Image):
             mode = "L" if channels == 1 else "RGB"
             image = resize(np.asarray(item.convert(mode)), size, channels)
@@ -109,7 +111,7 @@ class Detector:
         self.image_size, self.channels = card["image_size"], card["channels"]
 
     @classmethod
-    def load(cls, classifier_dir: str | Path, score: str | None = None,
+    def load(cls, classifier_dir: str | Path | Storage, score: str | None = None,
              use_gpu: bool | None = None, batch_size: int = 256,
              limits: ImageLimits = DEFAULT_LIMITS) -> Detector:
         """The classifier under `classifier_dir` (`<root>/<experiment>/classifiers/<run>`, a
@@ -119,7 +121,8 @@ class Detector:
         has chosen one on the validation sets, else the calibration's default
         (`detector.score`).
         """
-        storage = open_storage(str(classifier_dir))
+        storage = open_storage(classifier_dir if isinstance(classifier_dir, Storage)
+                               else str(classifier_dir))  # a Storage is not parsed again
         calibration = read_calibration(storage, storage.base)
         chosen = "asked for"
         if score is None:
@@ -133,7 +136,7 @@ class Detector:
                              f"{classifier_dir}; calibrated: {', '.join(calibration['scores'])} "
                              f"(add it to evaluate.scores and run `oodscale calibrate CONFIG`)")
         gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-        reader = ScoreReader(storage.uri, storage.base, [score], gpu, batch_size)
+        reader = ScoreReader(storage, storage.base, [score], gpu, batch_size)
         return cls(reader, calibration, score, batch_size, chosen, limits)
 
     def predict_prepared(self, batch: np.ndarray) -> Prediction:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from oodscale.config import ExperimentConfig
 from oodscale.data.images import IMAGE_SUFFIXES, BadImageError, ImageLimits, list_folder
-from oodscale.runtime import RunLayout, open_storage
+from oodscale.runtime import RunLayout, Storage, open_storage
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,10 @@ class PredictRequest:
     skip_bad: bool = False  # an unreadable file is a row with its `error`, not the end
 
 
-def iter_image_paths(paths: list[str], skipped: list[str] | None = None) -> Iterator[str]:
-    """Every image a path names: a file as given, a folder's images (recursive, sorted; what
-    a folder holds beside them is said in lines appended to `skipped`)."""
+def iter_image_paths(paths: list[str], skipped: list[str] | None = None) -> Iterator[Storage]:
+    """Every image a path names, as a (filesystem, path) pair (a Storage based at the file,
+    never a URI to parse again): a file as given, a folder's images (recursive, sorted; what a
+    folder holds beside them is said in lines appended to `skipped`)."""
     for path in paths:
         storage = open_storage(path)
         info = storage.fs.get_file_info(storage.base)
@@ -55,13 +56,13 @@ def iter_image_paths(paths: list[str], skipped: list[str] | None = None) -> Iter
                                            f"{sorted(IMAGE_SUFFIXES)}", *listing.skipped()]))
             if skipped is not None:
                 skipped += [f"{path}: {line}" for line in listing.skipped()]
-            yield from (storage.uri_of(p) for p in listing.files)
+            yield from (storage.at(p) for p in listing.files)
         else:
-            yield storage.uri_of(storage.base)
+            yield storage
 
 
-def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(items: Iterator[Storage], size: int) -> Iterator[list[Storage]]:
+    chunk: list[Storage] = []
     for item in items:
         chunk.append(item)
         if len(chunk) == size:
@@ -89,18 +90,18 @@ ROW_SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("is_ood
                         ("pred", pa.string()), ("error", pa.string())])
 
 
-def _decode_all(pool: ThreadPoolExecutor, chunk: list[str], size: tuple[int, int],
+def _decode_all(pool: ThreadPoolExecutor, chunk: list[Storage], size: tuple[int, int],
                 limits: ImageLimits) -> list[np.ndarray | BadImageError]:
     """Each file of `chunk` decoded (C×H×W uint8), or the error that says why it is not."""
     from oodscale.detector import training_images
 
-    def one(path: str) -> np.ndarray | BadImageError:
+    def one(file: Storage) -> np.ndarray | BadImageError:
         try:
-            return training_images([path], *size, limits)[0]
+            return training_images([file], *size, limits)[0]
         except BadImageError as err:
             return err
         except OSError as err:  # unreadable: permissions, I/O, a file gone since the listing
-            return BadImageError(f"cannot read image {path}: {err}")
+            return BadImageError(f"cannot read image {file.uri}: {err}")
 
     return list(pool.map(one, chunk))  # decoding in threads (PIL releases the GIL)
 
@@ -113,12 +114,12 @@ class _Tally:
     shown: list[str] = field(default_factory=list)
 
 
-def _score_rows(detector: Any, chunk: list[str], decoded: list[np.ndarray | BadImageError],
-                tally: _Tally) -> dict[str, list[Any]]:
+def _score_rows(detector: Any, chunk: list[Storage],
+                decoded: list[np.ndarray | BadImageError], tally: _Tally) -> dict[str, list[Any]]:
     """The output rows of `chunk`: the decoded images scored in one batch, the others rows
     with their `error`."""
     rows: dict[str, list[Any]] = {name: [None] * len(chunk) for name in ROW_SCHEMA.names}
-    rows["path"] = list(chunk)
+    rows["path"] = [file.uri for file in chunk]
     good = [i for i, d in enumerate(decoded) if not isinstance(d, BadImageError)]
     if good:
         result = detector.predict_prepared(np.stack([decoded[i] for i in good]))
@@ -131,7 +132,7 @@ def _score_rows(detector: Any, chunk: list[str], decoded: list[np.ndarray | BadI
     for i, d in enumerate(decoded):
         if isinstance(d, BadImageError):
             rows["error"][i] = str(d)
-            tally.bad.append(chunk[i])
+            tally.bad.append(chunk[i].uri)
     for path, score, is_ood, pred, error in zip(*rows.values(), strict=True):
         if len(tally.shown) < 10:
             tally.shown.append(f"  ERR {'':10}  {'':>6}  {path}" if error else
@@ -165,7 +166,7 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
     if not request.paths:
         raise ValueError("give at least one image file or folder to score")
     directory = resolve_run(cfg, layout, request.run)
-    detector = Detector.load(layout.storage.uri_of(directory), request.score,
+    detector = Detector.load(layout.storage.at(directory), request.score,
                              batch_size=cfg.evaluate.batch_size,
                              limits=ImageLimits.from_config(cfg.data))
     out = Path(request.out)

@@ -37,11 +37,17 @@ class Storage:
         return "/".join([self.base.rstrip("/"), *parts])
 
     def uri_of(self, path: str) -> str:
-        """A URI for `path` that Ray Data and other processes can open on their own."""
+        """A URI for `path`, for messages and for people: code passes (filesystem, path) pairs
+        (this Storage, `at`) and never parses one of these again, since an object-store key
+        with a space, `#`, `%` or `?` does not survive the round trip."""
         if isinstance(self.fs, pafs.LocalFileSystem):
             return path
         scheme = self.uri.split("://", 1)[0]
         return f"{scheme}://{path}"
+
+    def at(self, path: str) -> Storage:
+        """This filesystem with `path` as its base: a pair to hand on, not a URI to re-parse."""
+        return Storage(fs=self.fs, base=path, uri=self.uri_of(path))
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -88,8 +94,14 @@ class Storage:
             raise self.write_error(path, err) from err
 
 
-def open_storage(root: str) -> Storage:
-    """Resolve a storage root URI or local path to a pyarrow filesystem."""
+StorageRoot = str | Storage  # a root as the user wrote it, or one already opened
+
+
+def open_storage(root: StorageRoot) -> Storage:
+    """Resolve a storage root URI or local path to a pyarrow filesystem (parsed once, here: a
+    Storage given is returned as it is)."""
+    if isinstance(root, Storage):
+        return root
     if "://" in root and not root.startswith("file://"):
         fs, base = pafs.FileSystem.from_uri(root)
         return Storage(fs=fs, base=base, uri=root)

@@ -203,7 +203,7 @@ def test_folder_walk_follows_no_loop_and_no_link_out_of_the_tree(tmp_path):
     assert listing.files == [str(tree / n) for n in ("a.png", "again.png", "sub/b.png",
                                                      "sub/c.png")]
     assert listing.links == [str(tree / n) for n in ("far.png", "gone.png", "out", "sub/up")]
-    assert list(iter_image_paths([str(tree)])) == listing.files  # predict's walk is the same
+    assert [f.base for f in iter_image_paths([str(tree)])] == listing.files  # predict's walk
     assert "links not followed" in listing.skipped()[0]
 
 
@@ -275,27 +275,34 @@ def test_only_the_supported_image_formats_are_opened(tmp_path):
         training_images([path], 16, 1)
 
 
-@pytest.fixture
-def calibrated(tmp_path):
-    """A calibrated three-class digits classifier written by hand (untrained weights; no Ray):
-    enough for `predict` to load, score and decide. Returns (config, layout, run)."""
+def _hand_calibrated(root: Path, run: str = "x-none-s0") -> Path:
+    """A calibrated three-class digits classifier written by hand under the local run root
+    `root` (untrained weights; no Ray): enough for `predict` to load, score and decide.
+    Returns its directory."""
     from oodscale.classify.checkpoints import classifier_from_card
     from oodscale.evaluate.calibration import CALIBRATION, weights_sha256
-    from oodscale.runtime import layout_for
 
-    cfg = load_config(CONFIG, [f"storage.root={tmp_path / 'runs'}", "evaluate.batch_size=2"])
-    layout = layout_for(cfg)
     card = {"backbone": "smallcnn", "loss": "softmax", "channels": 1, "image_size": 16,
-            "num_classes": 3, "embedding_dim": 8, "head_options": {}, "run": "x-none-s0",
+            "num_classes": 3, "embedding_dim": 8, "head_options": {}, "run": run,
             "class_names": ["a", "b", "c"]}
-    directory = Path(layout.classifier_dir("x-none-s0"))
+    directory = root / "digits" / "classifiers" / run
     save_classifier(classifier_from_card(card), card, directory)
     (directory / CALIBRATION).write_text(json.dumps({
         "default_score": "energy", "tpr_target": 0.95,
         "set_on": {"split": "val", "images": 10},
-        "weights_sha256": weights_sha256(layout.storage, str(directory)),
+        "weights_sha256": weights_sha256(open_storage(str(directory)), str(directory)),
         "scores": {"energy": {"threshold": -1e9, "val_accepted": 1.0}}}))
-    return cfg, layout, "x-none-s0"
+    return directory
+
+
+@pytest.fixture
+def calibrated(tmp_path):
+    """`_hand_calibrated` under tmp_path/runs: (config, layout, run)."""
+    from oodscale.runtime import layout_for
+
+    cfg = load_config(CONFIG, [f"storage.root={tmp_path / 'runs'}", "evaluate.batch_size=2"])
+    _hand_calibrated(tmp_path / "runs")
+    return cfg, layout_for(cfg), "x-none-s0"
 
 
 def _hostile_folder(folder: Path) -> list[Path]:
@@ -611,3 +618,52 @@ def test_detector_refuses_a_crafted_card(calibrated):
     (directory / CARD).write_text(json.dumps({**card, "embedding_dim": 4096}))
     with pytest.raises(ValueError, match="classifier.json does not describe the weights"):
         Detector.load(directory)
+
+
+ODD = "a b#c%41?d"  # a space, a fragment mark, a percent escape and a query mark
+
+
+def test_predict_reads_and_names_keys_with_odd_characters_on_local_disk(tmp_path, capsys):
+    import pandas as pd
+
+    root = tmp_path / f"runs {ODD}"
+    _hand_calibrated(root)
+    folder = tmp_path / f"images {ODD}"
+    folder.mkdir()
+    for name in (f"{ODD}.png", "plain.png"):
+        Image.fromarray(np.full((12, 12), 50, np.uint8)).save(folder / name)
+    out = tmp_path / f"rows {ODD}.csv"
+    assert main(["predict", CONFIG, f"storage.root={root}", "--run", "x-none-s0", str(folder),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    rows = pd.read_csv(out)
+    assert sorted(rows["path"]) == sorted(str(folder / n) for n in (f"{ODD}.png", "plain.png"))
+    assert rows["error"].isna().all()
+
+
+def test_storage_keys_are_carried_as_pairs_never_reparsed(tmp_path):
+    """A storage whose URI no parser can open ("mock://"): predict, Detector.load and the
+    classifier loader only work if they pass (filesystem, path) pairs and never rebuild and
+    parse a URI, as an object-store key with a space, '#', '%' or '?' needs."""
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from oodscale import Detector
+    from oodscale.predict import PredictRequest, predict
+    from oodscale.runtime import RunLayout, Storage
+
+    bucket = tmp_path / "bucket"
+    _hand_calibrated(bucket / f"runs {ODD}")
+    storage = Storage(fs=pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem()),
+                      base=f"runs {ODD}", uri=f"mock://bucket/runs {ODD}")
+    with pytest.raises(Exception, match="mock"):
+        open_storage(storage.uri)  # what a re-parse would run into
+    layout = RunLayout(storage, "digits")
+    detector = Detector.load(storage.at(layout.classifier_dir("x-none-s0")))
+    assert detector.run == "x-none-s0"
+    image = bucket / f"{ODD}.png"  # a key of the store, given as a pair
+    Image.fromarray(np.full((12, 12), 50, np.uint8)).save(image)
+    assert detector.predict([storage.at(f"{ODD}.png")]).score.shape == (1,)
+    cfg = load_config(CONFIG, ["evaluate.batch_size=2"])
+    out = tmp_path / "rows.parquet"
+    predict(cfg, layout, PredictRequest("x-none-s0", None, str(out), [str(image)]))
+    assert list(pd.read_parquet(out)["path"]) == [str(image)]

@@ -18,7 +18,7 @@ from oodscale.classify.losses import build_head, check_loss_options
 from oodscale.classify.models import Activations, OODClassifier, build_backbone, build_classifier
 from oodscale.data.streams import to_model_input
 from oodscale.devices import worker_device
-from oodscale.runtime import Storage, open_storage
+from oodscale.runtime import Storage, StorageRoot, open_storage
 from oodscale.weights import load_weights, require_safetensors
 
 WEIGHTS = "model.safetensors"
@@ -148,7 +148,7 @@ def load_classifier(directory: Path) -> tuple[OODClassifier, dict[str, Any]]:
 class LoadedClassifier:
     """A finished classifier from any storage root, on this worker's device, for inference."""
 
-    def __init__(self, storage_root: str, classifier_dir: str, use_gpu: bool = False):
+    def __init__(self, storage_root: StorageRoot, classifier_dir: str, use_gpu: bool = False):
         storage = open_storage(storage_root)
         self.device = worker_device(use_gpu)
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths
 from oodscale.data.validation import VAL_SPLIT
 from oodscale.evaluate.detectors import ScoreSet, check_score_name, needs_fit
-from oodscale.runtime import RunLayout, Storage, open_storage
+from oodscale.runtime import RunLayout, Storage, StorageRoot, open_storage
 
 CALIBRATION = "calibration.json"
 TRAIN_SPLIT, CALIBRATION_SPLIT = "data/id/train", f"data/id/{VAL_SPLIT}"  # experiment-relative
@@ -48,7 +48,7 @@ class ScoreReader:
     """One classifier and the named scores of it, fitted where they learn from the ID training
     split (evaluate's own fit and `ScoreSet`), on one device."""
 
-    def __init__(self, storage_root: str, classifier_dir: str, names: list[str],
+    def __init__(self, storage_root: StorageRoot, classifier_dir: str, names: list[str],
                  use_gpu: bool, batch_size: int = 512) -> None:
         from oodscale.evaluate.score import fit_train_features
 

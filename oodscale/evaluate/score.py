@@ -31,12 +31,12 @@ from oodscale.evaluate.report import aggregate, write_report
 from oodscale.evaluate.report_html import provenance
 from oodscale.outliers import synthetic_dirname
 from oodscale.progress import track
-from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
+from oodscale.runtime import RunLayout, StorageRoot, open_storage, require_gpus, resolve_use_gpu
 
 VAL_PREFIX = "val:"  # dataset names of validation rows while scoring; stripped when written
 
 
-def fit_train_features(storage_root: str, classifier_dir: str, train_dir: str,
+def fit_train_features(storage_root: StorageRoot, classifier_dir: str, train_dir: str,
                        batch_size: int, use_gpu: bool, score_names: list[str]) -> TrainFit:
     """Fit the scores that learn from ID training data (kNN / Mahalanobis statistics, fitted
     pytorch-ood detectors) on the training split's activations, embedded in chunks on this
