@@ -304,8 +304,9 @@ def _tar_members(storage: Storage, path: str, max_member: int) -> Iterator[dict[
             raise ShardError(_not_plain(storage, path, compression))
         with tarfile.open(fileobj=_Rejoined(head, raw), mode="r|") as archive:
             for member in archive:
-                if not member.isfile():
-                    continue  # directories, links: never followed
+                archive.members = []  # a stream's TarInfo list would grow with every member
+                if not member.isfile() or member.name.startswith("__"):
+                    continue  # directories and links (never followed), WebDataset's __meta__
                 if member.size > max_member:
                     raise ShardError(
                         f"member {member.name} of shard {storage.uri_of(path)} is "
