@@ -361,6 +361,10 @@ class EvaluateConfig(_Section):
     concurrency: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0.0)
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
+    bootstrap: int = Field(
+        1000, ge=100, le=100_000,
+        description="Bootstrap draws (over seeds and test images) behind every paired 95 % "
+                    "interval in the report, comparisons.parquet and claims.parquet.")
 
 
 class DetectorConfig(_Section):

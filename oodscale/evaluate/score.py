@@ -242,6 +242,23 @@ def evaluate(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
             "runs": int(results["run"].nunique())}
 
 
+def set_sources(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
+    """Test set → how many distinct source images it holds, from the manifests prepare wrote
+    (sets prepared before manifests recorded it are left out)."""
+    out = {}
+    for name, directory in test_sets(cfg, layout).items():
+        manifest = try_read_manifest(layout.storage, directory)
+        if manifest is None:
+            continue
+        if name == "id":
+            out[name] = f"{manifest.num_samples} images"
+        elif "sources" in manifest.extra:
+            out[name] = manifest.extra["sources"]
+        elif manifest.extra.get("source") != "builtin":
+            out[name] = f"{manifest.num_samples} images (bring-your-own)"
+    return out
+
+
 def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFrame,
                   scores: pd.DataFrame) -> str:
     """report.md, report.html and plots/ from the two frames (plus provenance), written under
@@ -262,7 +279,9 @@ def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFram
             selection = pd.read_parquet(io.BytesIO(storage.read_bytes(
                 f"{layout.eval_dir}/val_results.parquet")))
         summary = write_report(results, scores, str(out), title=f"oodscale — {cfg.name}",
-                               extra_images=extra, provenance=prov, selection=selection)
+                               extra_images=extra, provenance=prov, selection=selection,
+                               set_sources=set_sources(cfg, layout),
+                               n_boot=cfg.evaluate.bootstrap)
         for path in sorted(out.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(out).as_posix()
