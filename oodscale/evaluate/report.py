@@ -112,7 +112,7 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table (``to_markdown`` needs tabulate, which is not a dependency)."""
     cells = [[str(c) for c in frame.columns]]
     cells += [[str(v) for v in row] for row in frame.itertuples(index=False)]
@@ -506,7 +506,7 @@ def markdown_report(content: ReportContent) -> str:
         sections += ["", f"## {table.title}", ""]
         if table.note:
             sections += [table.note, ""]
-        sections.append(_markdown(_bold(table.frame, table.best)))
+        sections.append(markdown_table(_bold(table.frame, table.best)))
     sections += ["", "## Plots", ""]
     sections += [f"![{caption}]({rel})\n" for caption, rel in content.figures]
     return "\n".join(sections).rstrip() + "\n"
@@ -541,4 +541,4 @@ def write_report(
         write_html(content, out_dir, provenance)
     shown = [t for t in content.tables if t.title.startswith("Main table")][:1]
     shown += [t for t in content.tables if t.title.startswith("The paper's claims")]
-    return "\n\n".join(f"{t.title}\n{_markdown(_bold(t.frame, t.best))}" for t in shown)
+    return "\n\n".join(f"{t.title}\n{markdown_table(_bold(t.frame, t.best))}" for t in shown)
