@@ -467,7 +467,7 @@ def stage_totals(exps: dict[str, Experiment],
                               f"{t.batch_size} ID = {clf_images / 1e9:.2f} G images fwd+bwd",
                               clf_images * c_train))
         n_runs = sum(runs.values())
-        ood = len(cfg.data.ood_sets) * cfg.data.ood_samples
+        ood = sum(cfg.data.ood_set_size(n, "ood") or 1000 for n in cfg.data.ood_sets)
         scored = n_runs * (n_test + ood)
         fit = 0
         if {"knn", "mahalanobis"} & set(e.scores):

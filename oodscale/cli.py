@@ -1,5 +1,5 @@
-"""`oodscale prepare|train-diffusion|generate|train|calibrate|evaluate|run|report|verify|status
-CONFIG [k=v ...]`, and `oodscale predict CONFIG --run RUN PATH...`.
+"""`oodscale prepare|train-diffusion|generate|train|calibrate|evaluate|run|report|claims|verify|
+status CONFIG [k=v ...]`, and `oodscale predict CONFIG --run RUN PATH...`.
 
 The `jobs/*.py` entry points call `job_main` with their stage, so `ray job submit -- python
 jobs/generate.py --config ...` and `oodscale generate ...` run the same code.
@@ -85,6 +85,23 @@ def _report(cfg: ExperimentConfig, layout: RunLayout) -> str:
     return "\n" + render_report(cfg, layout, frames["results"], frames["scores"])
 
 
+def _claims(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    """The paper's claims as evaluate decided them (claims.parquet), without Ray or models."""
+    import pandas as pd
+
+    from oodscale.evaluate.claims import claims_summary
+    from oodscale.evaluate.report import markdown_table
+
+    path = f"{layout.eval_dir}/claims.parquet"
+    if not layout.storage.exists(path):
+        raise FileNotFoundError(f"{layout.storage.uri_of(path)} not found: run `oodscale "
+                                "evaluate` (or `oodscale report`) first")
+    summary = claims_summary(pd.read_parquet(io.BytesIO(layout.storage.read_bytes(path))))
+    if summary.empty:
+        return "no claim to decide: the grid has no cell without outliers to compare against"
+    return "\n" + markdown_table(summary)
+
+
 def _verify(cfg: ExperimentConfig, layout: RunLayout) -> str:
     from oodscale.data.shards import verify_shards
 
@@ -140,7 +157,7 @@ def _run(cfg: ExperimentConfig, layout: RunLayout) -> str:
 
 
 STAGES: dict[str, Stage] = {**dict(PIPELINE), "run": _run, "report": _report, "verify": _verify,
-                            "status": _status, "predict": _predict}
+                            "status": _status, "predict": _predict, "claims": _claims}
 NEEDS_RAY = {"prepare", "train-diffusion", "generate", "train", "calibrate", "evaluate", "run"}
 
 

@@ -140,7 +140,19 @@ class DataConfig(_Section):
     ood_sets: list[BuiltinOOD] = Field(
         default_factory=lambda: ["textures", "photos", "gaussian", "uniform", "rademacher",
                                  "blobs"])
-    ood_samples: int = Field(300, ge=8, le=10_000_000, description="Images per built-in OOD set.")
+    ood_samples: int | None = Field(
+        None, ge=8, le=10_000_000,
+        description="A cap on the images of every built-in OOD test set; None = "
+                    "every held-out image the data has (openset, digits) and "
+                    "data.generated_ood_samples for the sets made here.")
+    generated_ood_samples: int = Field(
+        1000, ge=8, le=10_000_000,
+        description="Images of each built-in OOD test set made here (crops of the "
+                    "shipped textures and photos, noise) when ood_samples is unset.")
+    val_ood_samples: int = Field(
+        300, ge=8, le=10_000_000,
+        description="Images of each OOD validation set (at most ood_samples, and at "
+                    "most what its pool holds).")
     extra_ood: list[OODSetSource] = Field(default_factory=list)
     near_ood: list[str] = Field(default_factory=lambda: ["openset"])
     val_ood_sets: list[ValidationOOD] | None = Field(
@@ -148,8 +160,25 @@ class DataConfig(_Section):
                           "primary score; None = those of data.ood_sets that have one.")
 
     @property
+    def val_set_size(self) -> int:
+        """Images of each OOD validation set."""
+        return min(self.val_ood_samples, self.ood_samples or self.val_ood_samples)
+
+    def ood_set_size(self, name: str, purpose: str) -> int | None:
+        """Images of a built-in OOD set (`ood` test or `ood-val`); None = every image its
+        pool holds (sets of real images only)."""
+        if purpose != "ood":
+            return self.val_set_size
+        if name in ("openset", "digits"):
+            return self.ood_samples
+        return self.ood_samples or self.generated_ood_samples
+
+    @property
     def validation_ood_sets(self) -> list[str]:
-        """The OOD validation sets prepare writes and evaluate scores (never a test image)."""
+        """The OOD validation sets prepare writes and evaluate scores (never a test image);
+        none without an ID validation split to score them against."""
+        if self.val_fraction == 0:
+            return []
         if self.val_ood_sets is not None:
             return list(self.val_ood_sets)
         return [n for n in self.ood_sets if n in typing.get_args(ValidationOOD)]
@@ -365,6 +394,10 @@ class EvaluateConfig(_Section):
     concurrency: int = Field(1, ge=1, le=MAX_WORKERS)
     cpus_per_actor: float = Field(0.5, gt=0.0, le=MAX_CPUS)
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
+    bootstrap: int = Field(
+        1000, ge=100, le=100_000,
+        description="Bootstrap draws (over seeds and test images) behind every paired 95 % "
+                    "interval in the report, comparisons.parquet and claims.parquet.")
 
 
 class DetectorConfig(_Section):

@@ -99,9 +99,30 @@ def test_errors():
 
 def test_all_scores_returned_as_numpy():
     train, labels = _cluster(n=40)
-    fitted = fit_features(train, labels, k=3)
+    fitted = fit_features(train, labels, k=3, normed=True)
     out = compute_scores(
         SCORE_NAMES, torch.randn(6, 2), train[:6], torch.randn(2, train.shape[1]), fitted
     )
     assert set(out) == set(SCORE_NAMES)
     assert all(isinstance(v, np.ndarray) and v.shape == (6,) for v in out.values())
+
+
+def test_mahalanobis_normed_reads_the_direction_not_the_norm():
+    """The normalised-embedding score is Mahalanobis on unit rows: rescaling a test embedding
+    (a norm no loss term trains) leaves it unchanged, while the raw score moves."""
+    train, labels = _cluster(n=40)
+    fitted = fit_features(train, labels, k=3, normed=True)
+    test = torch.randn(4, train.shape[1], generator=torch.Generator().manual_seed(5))
+    scaled = test * torch.tensor([[0.5], [2.0], [3.0], [10.0]])
+    names = ["mahalanobis", "mahalanobis_normed"]
+    a = compute_scores(names, torch.zeros(4, 2), test, None, fitted)
+    b = compute_scores(names, torch.zeros(4, 2), scaled, None, fitted)
+    np.testing.assert_allclose(a["mahalanobis_normed"], b["mahalanobis_normed"], rtol=1e-6)
+    assert not np.allclose(a["mahalanobis"], b["mahalanobis"])
+    unit = fit_features(torch.nn.functional.normalize(train, dim=1), labels, k=3)
+    on_unit = compute_scores(["mahalanobis"], torch.zeros(4, 2),
+                             torch.nn.functional.normalize(test, dim=1), None, unit)
+    np.testing.assert_allclose(a["mahalanobis_normed"], on_unit["mahalanobis"], rtol=1e-6)
+    with pytest.raises(ValueError, match="normed=True"):
+        compute_scores(["mahalanobis_normed"], torch.zeros(4, 2), test, None,
+                       fit_features(train, labels, k=3))

@@ -15,7 +15,7 @@ from oodscale.data import builtin
 from oodscale.data.fashion_mnist import DEBIAN_PATH, fashion_splits, load_split, read_idx
 from oodscale.data.prepare import prepare
 from oodscale.data.shards import load_arrays, read_manifest
-from oodscale.runtime import derive_seed, layout_for
+from oodscale.runtime import layout_for
 
 FASHION = Path(__file__).resolve().parents[1] / "configs" / "fashion.yaml"
 
@@ -90,12 +90,12 @@ def test_prepare_writes_the_benchmark_splits(tmp_path):
 
 
 def test_digits_validation_images_are_never_test_images():
-    test, val = (builtin._digits_pick(300, 0, purpose) for purpose in ("ood", "ood-val"))
-    assert len(test) == len(val) == 300 and not set(test) & set(val)
-    order = np.random.default_rng(derive_seed(0, "ood", "digits")).permutation(1797)
-    assert np.array_equal(test, np.sort(order[:300]))  # the test draw is what it always was
-    with pytest.raises(ValueError, match="data.ood_samples"):
-        builtin._digits_pick(1000, 0, "ood-val")
+    test, val = (builtin._digits_pick(None, 0, purpose, 300) for purpose in ("ood", "ood-val"))
+    assert len(test) == 1797 - 300 and len(val) == 300 and not set(test) & set(val)
+    capped = builtin._digits_pick(200, 0, "ood", 300)
+    assert len(capped) == 200 and set(capped) <= set(test)  # a cap draws from the same pool
+    with pytest.raises(ValueError, match="data.val_ood_samples"):
+        builtin._digits_pick(None, 0, "ood-val", 1797)
 
 
 def test_the_benchmark_grid_and_its_checks():

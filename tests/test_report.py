@@ -20,14 +20,14 @@ def _scores(seeds=(0, 1)) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     frames = []
     for loss in ("softmax", "arcface"):
-        for outliers in ("none", "mixup"):
+        for outliers in ("none", "labelmix"):
             for seed in seeds:
                 run = f"{loss}-{outliers}-s{seed}"
                 labels = np.arange(20) % 3
                 preds = labels.copy()
                 preds[:2] = (preds[:2] + 1) % 3  # 90 % accuracy
-                # arcface+mixup separates perfectly, so it must win every column.
-                shift = 10.0 if (loss, outliers) == ("arcface", "mixup") else 1.0
+                # arcface+labelmix separates perfectly: it wins every paired comparison.
+                shift = 10.0 if (loss, outliers) == ("arcface", "labelmix") else 1.0
                 for score_name in ("msp", "maxcos"):
                     parts = [("id", rng.normal(shift, 1.0, 20), labels, preds)]
                     for ood_set in ("held_out", "noise", "textures"):
@@ -37,6 +37,7 @@ def _scores(seeds=(0, 1)) -> pd.DataFrame:
                         frames.append(pd.DataFrame({
                             "run": run, "loss": loss, "outliers": outliers, "seed": seed,
                             "score_name": score_name, "dataset": dataset,
+                            "sample": [f"{dataset}-{i:03d}" for i in range(len(score))],
                             "is_ood": dataset != "id", "score": score,
                             "label": label, "pred": pred,
                         }))
@@ -74,7 +75,7 @@ def test_summary_table_formats():
     assert "near FPR95" in table.columns and "far AUROC" in table.columns
     assert "ID acc" in table.columns
     assert re.fullmatch(r"\d+\.\d ± \d+\.\d", table["near FPR95"].iloc[0])
-    best = table[(table["loss"] == "arcface") & (table["outliers"] == "mixup")]
+    best = table[(table["loss"] == "arcface") & (table["outliers"] == "labelmix")]
     assert (best["near FPR95"] == "0.0 ± 0.0").all()
     single = summary_table(aggregate(_scores(seeds=(0,)), GROUPS))
     assert "±" not in single["far AUROC"].iloc[0]
@@ -91,8 +92,10 @@ def test_validation_results_choose_the_primary_score(tmp_path):
     val["fpr95"] = np.where(val["score_name"] == "maxcos", 1.0, 99.0)
     chosen = write_report(results, scores, str(tmp_path / "b"), "On val", selection=val)
     text = (tmp_path / "b" / "report.md").read_text()
-    assert "validation sets alone" in text and "softmax: `maxcos`" in text
-    assert "arcface: `maxcos`" in text and chosen != test_best
+    assert "validation sets alone" in text and "arcface: `maxcos`" in text
+    # OpenOOD's protocol takes any score; the paper's only the head's own (softmax: msp)
+    assert "softmax: `maxcos`" in text and "softmax: `msp`" in text
+    assert chosen != test_best
 
 
 def test_write_report(tmp_path):
@@ -105,14 +108,13 @@ def test_write_report(tmp_path):
     text = (out / "report.md").read_text()
     assert text.startswith("# Test report")
     assert "OOD is the positive class" in text and "higher score = more in-distribution" in text
-    assert summary in text
-    # The perfectly separated configuration holds the bold best near FPR95 and AUROC.
-    header = summary.splitlines()[0].split("|")
-    fpr_col = [c.strip() for c in header].index("near FPR95")
-    bold_rows = [r for r in summary.splitlines()[2:] if "**" in r.split("|")[fpr_col]]
-    assert bold_rows and all("arcface | mixup" in r for r in bold_rows)
+    assert "Main table, paper protocol" in summary and "The paper's claims" in summary
+    # Bold only where a paired interval excludes zero: the perfectly separated cell, against
+    # both of its references, and nothing else.
+    bold_rows = [r for r in text.splitlines() if r.startswith("|") and "**" in r]
+    assert bold_rows and all(r.startswith("| arcface-labelmix") for r in bold_rows)
     pngs = sorted(os.listdir(out / "plots"))
-    assert "fpr95_outliers.png" in pngs
+    assert "fpr95_outliers_paper.png" in pngs and "paired_fpr95_openood.png" in pngs
     assert any(p.startswith("roc_") for p in pngs) and any(p.startswith("hist_") for p in pngs)
     for link in re.findall(r"\]\(([^)]+)\)", text):
         path = out / link

@@ -47,7 +47,9 @@ def test_report_html_is_self_contained(report):
                    "Label-mixup outliers beside ID samples", 'class="best"',
                    "higher score = more in-distribution"):
         assert needle in page, needle
-    assert page.count('<table class="sortable">') == 3 + 2  # report tables + provenance
+    # two per protocol (main, paired differences), claims, test sets, every score, per set;
+    # then provenance's two
+    assert page.count('<table class="sortable">') == 2 * 2 + 4 + 2
 
 
 def test_a_real_browser_renders_the_report_without_errors(report, tmp_path):

@@ -141,6 +141,8 @@ class LossSpec:
 
     build: Callable[[int, int, dict[str, Any]], ClassifierHead]
     options: tuple[str, ...] = ()
+    # the scores that read this head's own output, where OE acts (the paper's protocol)
+    head_scores: tuple[str, ...] = ("maxcos", "energy")
 
 
 def _pml(loss_cls: type[nn.Module]) -> Callable[[int, int, dict[str, Any]], ClassifierHead]:
@@ -151,7 +153,7 @@ def _pml(loss_cls: type[nn.Module]) -> Callable[[int, int, dict[str, Any]], Clas
 # The loss heads `train.losses` may name; the config validates against this table. Adding a
 # loss: its head class (if pml has none) and one row here.
 LOSSES: dict[str, LossSpec] = {
-    "softmax": LossSpec(lambda dim, classes, _: SoftmaxHead(dim, classes)),
+    "softmax": LossSpec(lambda dim, classes, _: SoftmaxHead(dim, classes), (), ("msp",)),
     "arcface": LossSpec(_pml(pml_losses.ArcFaceLoss), ("margin", "scale")),
     "cosface": LossSpec(_pml(pml_losses.CosFaceLoss), ("margin", "scale")),
     "sphereface": LossSpec(_pml(pml_losses.SphereFaceLoss), ("margin", "scale")),

@@ -63,6 +63,22 @@ class RunSpec:
         return f"{self.loss}-{self.outliers}-s{self.seed}"
 
 
+def pair_seed(card: dict[str, Any], *purpose: object) -> int:
+    """A seed from what a cell shares with its paired cells (seed, loss, backbone, data), not
+    from its outlier source: the cells of one seed and loss start from the same weights and
+    see the same ID batches, so their difference is the OE term's alone."""
+    return derive_seed(card["seed"], card["loss"], card["backbone"], card["embedding_dim"],
+                       card["image_size"], card["channels"], ",".join(card["class_names"]),
+                       *purpose)
+
+
+def initial_classifier(card: dict[str, Any]):
+    """The cell's classifier at its initial weights (the same on every rank and for every
+    outlier source of its pair)."""
+    seed_everything(pair_seed(card, "init"))
+    return classifier_from_card(card)
+
+
 def grid(cfg: ExperimentConfig) -> list[RunSpec]:
     t = cfg.train
     return [RunSpec(loss, out, seed)
@@ -125,8 +141,7 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
 
     t = cfg.train
     rank = ray.train.get_context().get_world_rank()
-    seed_everything(derive_seed(card["seed"], card["run"], "init"))  # same init on every rank
-    model = classifier_from_card(card)
+    model = initial_classifier(card)
     if t.init_checkpoint and resume is None:
         init_from_torchvision(model.backbone, t.init_checkpoint)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -142,8 +157,7 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
         metrics = {k: resume.state[k] for k in SUMMARY_KEYS if k in resume.state}
     model, optimizer = prepare(accelerator, model, optimizer)
     device = accelerator.device
-    id_batches = data["id"].batches(t.batch_size, derive_seed(card["seed"], card["run"], "id",
-                                                              rank))
+    id_batches = data["id"].batches(t.batch_size, pair_seed(card, "id", rank))
     source, synthetic = card["outliers"], config["outlier_data"].get(card["run"])
     outliers = OutlierStream(
         source, t.outlier_batch_size, card["num_classes"],

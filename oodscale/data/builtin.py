@@ -7,7 +7,6 @@ the two packages ship, the four noise kinds of the OE paper, and an open-set spl
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,9 +15,13 @@ from scipy import ndimage
 
 from oodscale.runtime import derive_seed
 
-TEXTURES = ("brick", "grass", "gravel", "text", "page", "checkerboard", "microaneurysms")
+# Every image the two packages ship in their wheels (scikit-image's others download on first
+# use): the more distinct sources a set of crops has, the less it measures one picture.
+TEXTURES = ("brick", "grass", "gravel", "text", "page", "checkerboard", "microaneurysms", "cell",
+            "immunohistochemistry", "hubble_deep_field")
 PHOTOS = ("camera", "coffee", "chelsea", "astronaut", "rocket", "coins", "moon", "clock",
-          "china", "flower")
+          "china", "flower", "retina", "stereo_motorcycle")
+CROP_SOURCES = {"textures": TEXTURES, "photos": PHOTOS}
 NOISE_SETS = ("gaussian", "uniform", "rademacher", "blobs")
 
 
@@ -62,12 +65,15 @@ def digits_splits(image_size: int, channels: int, test_fraction: float, seed: in
     return Split(tr_x, to_id(tr_y), names), Split(te_x, to_id(te_y), names), held
 
 
-def openset_rest(held: Split, n: int, seed: int) -> Split:
-    """The held-out images the open-set test set did not draw: its validation pool, disjoint
-    from every test image (the same draw as `builtin_ood`'s, so the test set is unchanged)."""
+def held_out_validation(held: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(test, validation) halves of the held-out classes' images: `fraction` of them (the
+    ID validation split's share, at least one) for validation, every other one for the
+    open-set test set."""
     order = np.random.default_rng(derive_seed(seed, "ood", "openset")).permutation(len(held.images))
-    rest = np.sort(order[n:])
-    return Split(held.images[rest], held.labels[rest], [])
+    n_val = max(1, round(fraction * len(order))) if fraction else 0
+    val, test = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return (Split(held.images[test], held.labels[test], []),
+            Split(held.images[val], held.labels[val], []))
 
 
 def cap_per_class(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
@@ -86,19 +92,16 @@ def _digit_images() -> np.ndarray:
     return (load_digits().images * (255.0 / 16.0)).round().astype(np.uint8)
 
 
-def _digits_pick(n: int, seed: int, purpose: str) -> np.ndarray:
-    """Sorted indices of the `digits` OOD set: the test set's n, or for validation n of the
-    images the test set did not draw (disjoint: the same digits, never the same image)."""
+def _digits_pick(n: int | None, seed: int, purpose: str, val_n: int) -> np.ndarray:
+    """Sorted indices of the `digits` OOD set. The first `val_n` images of a fixed draw are the
+    validation set's pool whether or not one is made; the test set takes the others (at most
+    `n`, every one for None), so the two never share an image."""
     order = np.random.default_rng(derive_seed(seed, "ood", "digits")).permutation(1797)
-    if purpose == "ood":
-        return np.sort(order[:n])
-    rest = order[n:]
-    if len(rest) < n:
-        raise ValueError(f"scikit-learn's 1,797 digits hold too few images for a {n}-image test "
-                         "set and a validation set beside it: lower data.ood_samples (at most "
-                         "898) or drop digits from data.val_ood_sets")
-    pick = np.random.default_rng(derive_seed(seed, purpose, "digits")).permutation(rest)
-    return np.sort(pick[:n])
+    if not 0 < val_n < len(order):
+        raise ValueError(f"data.val_ood_samples={val_n} leaves no digit for the test set: "
+                         "lower it (scikit-learn ships 1,797 digits)")
+    pool = order[:val_n] if purpose != "ood" else order[val_n:]
+    return np.sort(pool[:n])
 
 
 def _source_image(name: str) -> np.ndarray:
@@ -109,6 +112,8 @@ def _source_image(name: str) -> np.ndarray:
     import skimage.data
 
     image = getattr(skimage.data, name)()
+    if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
+        image = image[0]
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
     return image
@@ -116,7 +121,7 @@ def _source_image(name: str) -> np.ndarray:
 
 def crops(names: tuple[str, ...], n: int, size: int, channels: int,
           rng: np.random.Generator) -> np.ndarray:
-    """n random square crops (side 24..min(H,W)/2) of the named images, resized."""
+    """n random square crops (side 24..min(H,W)/2) of the named images in turn, resized."""
     sources = [_source_image(name) for name in names]
     out = []
     for i in range(n):
@@ -146,27 +151,39 @@ def noise(kind: str, n: int, size: int, channels: int, rng: np.random.Generator)
     return (x * 255).round().astype(np.uint8)
 
 
-def builtin_ood(name: str, n: int, size: int, channels: int, seed: int,
-                held_out: Split | None, purpose: str = "ood") -> np.ndarray:
-    """The images of one built-in OOD set, drawn from a seed derived from its name and purpose
-    (`ood` for the test sets, `ood-val` for their validation counterparts)."""
-    rng = np.random.default_rng(derive_seed(seed, purpose, name))
-    makers: dict[str, Callable[[], np.ndarray]] = {
-        "textures": lambda: crops(TEXTURES, n, size, channels, rng),
-        "photos": lambda: crops(PHOTOS, n, size, channels, rng),
-        "digits": lambda: np.stack([resize(im, size, channels) for im in
-                                    _digit_images()[_digits_pick(n, seed, purpose)]]),
-    }
-    if name in makers:
-        return makers[name]()
+def source_count(name: str, images: int) -> str:
+    """How many distinct source images an OOD set of `images` images holds, for the report."""
+    if name in CROP_SOURCES:
+        return f"{min(images, len(CROP_SOURCES[name]))} shipped images"
     if name in NOISE_SETS:
-        return noise(name, n, size, channels, rng)
+        return "generated"
+    return f"{images} images"
+
+
+def builtin_ood(name: str, n: int | None, size: int, channels: int, seed: int,
+                held_out: Split | None, purpose: str = "ood", val_n: int = 300) -> np.ndarray:
+    """The images of one built-in OOD set, drawn from a seed derived from its name and purpose
+    (`ood` for the test sets, `ood-val` for their validation counterparts).
+
+    Sets of real images (openset, digits) take at most `n` images, every one for None; sets made
+    here (crops, noise) take exactly `n`. `val_n` is the `digits` validation pool.
+    """
+    rng = np.random.default_rng(derive_seed(seed, purpose, name))
+    if name in CROP_SOURCES or name in NOISE_SETS:
+        if n is None:
+            raise ValueError(f"the {name!r} OOD set is generated: give it an image count")
+        if name in NOISE_SETS:
+            return noise(name, n, size, channels, rng)
+        return crops(CROP_SOURCES[name], n, size, channels, rng)
+    if name == "digits":
+        return np.stack([resize(im, size, channels) for im in
+                         _digit_images()[_digits_pick(n, seed, purpose, val_n)]])
     if name == "openset":
         if held_out is None or len(held_out.images) == 0:
             if purpose != "ood":
-                raise ValueError("no held-out image is left for the open-set validation set "
-                                 "(the test set drew them all): lower data.ood_samples or "
-                                 "drop openset from data.val_ood_sets")
+                raise ValueError("no held-out image is left for the open-set validation set: "
+                                 "raise data.val_fraction or drop openset from "
+                                 "data.val_ood_sets")
             raise ValueError("the 'openset' OOD set needs held-out classes: set data.id_classes "
                              "to a subset of the classes")
         pick = rng.permutation(len(held_out.images))[:n]

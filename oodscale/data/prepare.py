@@ -30,7 +30,8 @@ def _write_ood(layout: RunLayout, cfg: ExperimentConfig, name: str, images: np.n
     group = "near" if name in cfg.data.near_ood else "far"
     manifest = Manifest(kind="ood", split=name, image_size=cfg.data.image_size,
                         channels=cfg.data.channels, class_names=[],
-                        extra={"group": group, "source": "builtin", "purpose": purpose})
+                        extra={"group": group, "source": "builtin", "purpose": purpose,
+                               "sources": builtin.source_count(name, len(images))})
     metas = [{"label": -1} for _ in range(len(images))]
     write_split(layout.storage, out_dir, name, images, metas, cfg.data.shard_size, manifest)
 
@@ -52,7 +53,7 @@ def _in_memory_splits(cfg: ExperimentConfig) -> Splits:
                              ("test", test, cfg.data.max_test_per_class)):
         keep = builtin.cap_per_class(split.labels, cap, derive_seed(cfg.seed, "cap", name))
         split.images, split.labels = split.images[keep], split.labels[keep]
-    return train, test, held, builtin.openset_rest(held, cfg.data.ood_samples, cfg.seed)
+    return train, test, *builtin.held_out_validation(held, cfg.data.val_fraction, cfg.seed)
 
 
 def _prepare_in_memory(cfg: ExperimentConfig, layout: RunLayout, force: bool,
@@ -92,10 +93,12 @@ def prepare(cfg: ExperimentConfig, layout: RunLayout, force: bool = False) -> li
     sets = [("ood", name, layout.ood_set(name), held) for name in cfg.data.ood_sets]
     sets += [("ood-val", name, layout.ood_val_set(name), held_val)
              for name in cfg.data.validation_ood_sets]
+    data = cfg.data
     for purpose, name, out_dir, pool in sets:
         if force or try_read_manifest(layout.storage, out_dir) is None:
-            images = builtin.builtin_ood(name, cfg.data.ood_samples, cfg.data.image_size,
-                                         cfg.data.channels, cfg.seed, pool, purpose)
+            images = builtin.builtin_ood(name, data.ood_set_size(name, purpose), data.image_size,
+                                         data.channels, cfg.seed, pool, purpose,
+                                         data.val_set_size)
             _write_ood(layout, cfg, name, images, out_dir, purpose)
             written.append(f"{purpose}/{name} ({len(images)} images)")
     return written + prepare_extra_ood(cfg, layout, force)

@@ -34,8 +34,10 @@ from oodscale.data.shards import (
 from oodscale.runtime import Storage, open_storage
 
 
-def _decode_sample(sample: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """Ray Data webdataset decoder: raw tar members → image (C×H×W uint8) and label.
+def _decode_sample(sample: dict[str, Any], num_classes: int, keys: bool = False,
+                   ) -> dict[str, Any]:
+    """Ray Data webdataset decoder: raw tar members → image (C×H×W uint8) and label, and with
+    `keys` the sample's `__key__` (evaluation pairs images across classifiers by it).
 
     Labels are checked here, on the host, once per read, so training steps can trust them
     without a host sync (-1 marks rows without an ID class: OOD and synthetic samples).
@@ -47,7 +49,10 @@ def _decode_sample(sample: dict[str, Any], num_classes: int) -> dict[str, Any]:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has "
                          f"label {label}, outside [0, {num_classes}) of its manifest's classes; "
                          f"the shard does not belong to this manifest: rerun `oodscale prepare`")
-    return {"image": np.ascontiguousarray(image), "label": label, "order": sample_order(sample)}
+    row = {"image": np.ascontiguousarray(image), "label": label, "order": sample_order(sample)}
+    if keys:
+        row["key"] = str(sample["__key__"])
+    return row
 
 
 def sample_order(sample: dict[str, Any]) -> int:
@@ -66,17 +71,19 @@ def _checked_shards(storage: Storage, directory: str, hint: str) -> tuple[Manife
     return manifest, paths
 
 
-def _ray_dataset(storage: Storage, paths: list[str], manifest: Manifest):
+def _ray_dataset(storage: Storage, paths: list[str], manifest: Manifest, keys: bool = False):
     import ray.data
 
-    decoder = functools.partial(_decode_sample, num_classes=len(manifest.class_names))
+    decoder = functools.partial(_decode_sample, num_classes=len(manifest.class_names), keys=keys)
     return ray.data.read_webdataset(paths, filesystem=storage.fs, decoder=decoder)
 
 
-def read_shards(storage: Storage, directory: str, hint: str = "run `oodscale prepare`"):
-    """A Ray Dataset of {image, label} rows over the shards a manifest lists."""
+def read_shards(storage: Storage, directory: str, hint: str = "run `oodscale prepare`",
+                keys: bool = False):
+    """A Ray Dataset of {image, label} rows (and `key` with `keys`) over the shards a manifest
+    lists."""
     manifest, paths = _checked_shards(storage, directory, hint)
-    return _ray_dataset(storage, paths, manifest), manifest
+    return _ray_dataset(storage, paths, manifest, keys), manifest
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ computes built-in and pytorch-ood scores alike from one forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,21 +26,22 @@ from oodscale.evaluate.pood import POOD_PREFIX, POOD_SCORE_NAMES, PoodScore, poo
 
 
 @dataclass(frozen=True)
+class ScoreInputs:
+    """What a built-in score may read from one batch."""
+
+    logits: torch.Tensor  # float64
+    embeddings: torch.Tensor
+    class_weights: torch.Tensor | None
+    fitted: FittedFeatures | None
+    temperature: float
+    chunk: int
+
+
+@dataclass(frozen=True)
 class ScoreSpec:
     fit: bool  # needs statistics of the ID training split (`fit_features`)
-
-
-# The built-in scores; with `pood:<Name>` for each row of `POOD_DETECTORS`, the names
-# `evaluate.scores` accepts (the config validates against `check_score_name`).
-SCORES: dict[str, ScoreSpec] = {
-    "msp": ScoreSpec(fit=False),
-    "maxlogit": ScoreSpec(fit=False),
-    "energy": ScoreSpec(fit=False),
-    "maxcos": ScoreSpec(fit=False),
-    "knn": ScoreSpec(fit=True),
-    "mahalanobis": ScoreSpec(fit=True),
-}
-SCORE_NAMES = tuple(SCORES)  # the built-in names, in the table's order
+    reads: str  # what of the network it reads, for the report
+    compute: Callable[[ScoreInputs], torch.Tensor]
 
 
 def check_score_name(name: str) -> str:
@@ -68,18 +69,27 @@ class FittedFeatures:
     class_means: torch.Tensor  # C x D, float64, one row per class present in training
     precision: torch.Tensor  # D x D, float64, pseudo-inverse of the tied covariance
     k: int
+    # the same Gaussian fitted on the unit-normalised embeddings (`mahalanobis_normed`)
+    normed_means: torch.Tensor | None = None
+    normed_precision: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> FittedFeatures:
         """The same statistics on `device` (the fit task returns them on the CPU)."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return FittedFeatures(self.train_normed.to(device), self.class_means.to(device),
-                              self.precision.to(device), self.k)
+                              self.precision.to(device), self.k, move(self.normed_means),
+                              move(self.normed_precision))
 
 
 def fit_features(
-    embeddings: torch.Tensor, labels: torch.Tensor, k: int = 10, chunk: int = 4096
+    embeddings: torch.Tensor, labels: torch.Tensor, k: int = 10, chunk: int = 4096,
+    normed: bool = False,
 ) -> FittedFeatures:
     """Fit kNN/Mahalanobis statistics with per-chunk accumulation (memory bounded by ``chunk``),
-    on the embeddings' device.
+    on the embeddings' device; with ``normed`` the Gaussian of the unit-normalised embeddings
+    too.
 
     Only classes that occur in ``labels`` get a mean, so non-contiguous label sets are fine.
     """
@@ -95,6 +105,15 @@ def fit_features(
         raise ValueError(f"chunk must be positive, got {chunk}")
 
     _, cls = torch.unique(lab, return_inverse=True)
+    means, precision = _tied_gaussian(emb, cls, chunk)
+    unit = F.normalize(emb, dim=1)
+    normed_means, normed_precision = _tied_gaussian(unit, cls, chunk) if normed else (None, None)
+    return FittedFeatures(unit, means, precision, k, normed_means, normed_precision)
+
+
+def _tied_gaussian(emb: torch.Tensor, cls: torch.Tensor, chunk: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means and the pseudo-inverse of the shared covariance, in float64."""
     n_cls, dim = int(cls.max()) + 1, emb.shape[1]
     sums = torch.zeros(n_cls, dim, dtype=torch.float64, device=emb.device)
     counts = torch.zeros(n_cls, dtype=torch.float64, device=emb.device)
@@ -110,11 +129,7 @@ def fit_features(
         centred = emb[i : i + chunk].double() - means[cls[i : i + chunk]]
         scatter += centred.T @ centred
     cov = scatter / emb.shape[0]
-    precision = torch.linalg.pinv(cov, hermitian=True)
-
-    return FittedFeatures(
-        train_normed=F.normalize(emb, dim=1), class_means=means, precision=precision, k=k
-    )
+    return means, torch.linalg.pinv(cov, hermitian=True)
 
 
 def _knn_score(emb: torch.Tensor, fitted: FittedFeatures, chunk: int) -> torch.Tensor:
@@ -137,10 +152,10 @@ def _knn_score(emb: torch.Tensor, fitted: FittedFeatures, chunk: int) -> torch.T
     return out
 
 
-def _mahalanobis_score(emb: torch.Tensor, fitted: FittedFeatures, chunk: int) -> torch.Tensor:
+def _mahalanobis_score(emb: torch.Tensor, means: torch.Tensor, prec: torch.Tensor,
+                       chunk: int) -> torch.Tensor:
     """Negative minimum squared Mahalanobis distance to a class mean (tied covariance)."""
-    means = fitted.class_means.to(emb.device)
-    prec = fitted.precision.to(emb.device)
+    means, prec = means.to(emb.device), prec.to(emb.device)
     mean_term = ((means @ prec) * means).sum(dim=1)  # m^T P m, per class
     out = torch.empty(emb.shape[0], dtype=torch.float64, device=emb.device)
     for i in range(0, emb.shape[0], chunk):
@@ -164,6 +179,33 @@ def _maxcos_score(emb: torch.Tensor, class_weights: torch.Tensor | None) -> torc
     return (F.normalize(emb.float(), dim=1) @ w.T).max(dim=1).values
 
 
+def _mahalanobis_normed(x: ScoreInputs) -> torch.Tensor:
+    if x.fitted.normed_means is None:
+        raise ValueError("score 'mahalanobis_normed' needs features fitted with normed=True")
+    return _mahalanobis_score(F.normalize(x.embeddings.float(), dim=1), x.fitted.normed_means,
+                              x.fitted.normed_precision, x.chunk)
+
+
+# The built-in scores; with `pood:<Name>` for each row of `POOD_DETECTORS`, the names
+# `evaluate.scores` accepts (the config validates against `check_score_name`). Adding a score:
+# its function and one row here.
+SCORES: dict[str, ScoreSpec] = {
+    "msp": ScoreSpec(False, "softmax probabilities", lambda x: torch.softmax(
+        x.logits / x.temperature, dim=1).max(dim=1).values),
+    "maxlogit": ScoreSpec(False, "logits", lambda x: x.logits.max(dim=1).values),
+    "energy": ScoreSpec(False, "logits", lambda x: x.temperature * torch.logsumexp(
+        x.logits / x.temperature, dim=1)),
+    "maxcos": ScoreSpec(False, "cosines to the class weights",
+                        lambda x: _maxcos_score(x.embeddings, x.class_weights)),
+    "knn": ScoreSpec(True, "the normalised embedding",
+                     lambda x: _knn_score(x.embeddings, x.fitted, x.chunk)),
+    "mahalanobis": ScoreSpec(True, "the raw embedding", lambda x: _mahalanobis_score(
+        x.embeddings, x.fitted.class_means, x.fitted.precision, x.chunk)),
+    "mahalanobis_normed": ScoreSpec(True, "the normalised embedding", _mahalanobis_normed),
+}
+SCORE_NAMES = tuple(SCORES)  # the built-in names, in the table's order
+
+
 def compute_scores(
     names: Sequence[str],
     logits: torch.Tensor,
@@ -183,26 +225,14 @@ def compute_scores(
         raise ValueError(f"temperature must be positive, got {temperature}")
     if logits.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{logits.shape[0]} logit rows but {embeddings.shape[0]} embedding rows")
-    if fitted is None and {"knn", "mahalanobis"} & set(names):
-        raise ValueError("scores 'knn' and 'mahalanobis' need fitted features (fit_features)")
+    needing = [n for n in names if SCORES[n].fit]
+    if fitted is None and needing:
+        raise ValueError(f"score(s) {needing} need fitted features (fit_features)")
 
     with torch.no_grad():
-        z = logits.detach().double()
-        emb = embeddings.detach()
-        result: dict[str, torch.Tensor] = {}
-        for name in names:
-            if name == "msp":
-                result[name] = torch.softmax(z / temperature, dim=1).max(dim=1).values
-            elif name == "maxlogit":
-                result[name] = z.max(dim=1).values
-            elif name == "energy":
-                result[name] = temperature * torch.logsumexp(z / temperature, dim=1)
-            elif name == "maxcos":
-                result[name] = _maxcos_score(emb, class_weights)
-            elif name == "knn":
-                result[name] = _knn_score(emb, fitted, chunk)
-            else:
-                result[name] = _mahalanobis_score(emb, fitted, chunk)
+        inputs = ScoreInputs(logits.detach().double(), embeddings.detach(), class_weights,
+                             fitted, temperature, chunk)
+        result = {name: SCORES[name].compute(inputs) for name in names}
     return {name: s.cpu().numpy().astype(np.float64) for name, s in result.items()}
 
 
@@ -225,7 +255,8 @@ def fit_train(names: Sequence[str], model: OODClassifier, train: Activations,
     """Fit every score of `names` that learns from the ID training split, on its activations."""
     features = None
     if any(n in SCORES and SCORES[n].fit for n in names):
-        features = fit_features(train.embeddings, labels.to(train.embeddings.device))
+        features = fit_features(train.embeddings, labels.to(train.embeddings.device),
+                                normed="mahalanobis_normed" in names)
     pood = {n: PoodScore(n, model, train, labels).unbind()
             for n in names if n not in SCORES and needs_fit(n)}
     return TrainFit(features, pood)

@@ -26,7 +26,7 @@ METRIC_LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr
 RESULT_COLUMNS = [
     *RUN_KEYS, "score_name", "ood_set", "group", *METRICS, "fpr95_id_positive", "id_acc",
 ]
-SCORE_COLUMNS = [*RUN_KEYS, "score_name", "dataset", "is_ood", "score", "label", "pred"]
+SCORE_COLUMNS = [*RUN_KEYS, "score_name", "dataset", "sample", "is_ood", "score", "label", "pred"]
 ROW_KEYS = ["loss", "outliers", "score_name"]
 ID_ACC_LABEL = "ID acc"
 GROUPS = ("near", "far")
@@ -112,7 +112,7 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table (``to_markdown`` needs tabulate, which is not a dependency)."""
     cells = [[str(c) for c in frame.columns]]
     cells += [[str(v) for v in row] for row in frame.itertuples(index=False)]
@@ -121,28 +121,47 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _best_mask(table: pd.DataFrame, means: pd.DataFrame) -> pd.DataFrame:
-    """Each column's best shown value: lowest for FPR columns, highest for the rest."""
-    mask = pd.DataFrame(False, index=table.index, columns=table.columns)
-    for col in means.columns:
-        shown = means[col].round(1).to_numpy()
-        if np.all(np.isnan(shown)):
-            continue
-        best = np.nanmin(shown) if "FPR" in col else np.nanmax(shown)
-        mask[col] = shown == best
-    return mask
-
-
 def _bold(table: pd.DataFrame, best: pd.DataFrame | None) -> pd.DataFrame:
     """Markdown bold on the cells `best` marks."""
     return table if best is None else table.mask(best, "**" + table.astype(str) + "**")
 
 
-def primary_scores(results: pd.DataFrame) -> dict[str, str]:
-    """Per loss, the score with the lowest mean FPR95 over all its runs and OOD sets."""
-    mean_fpr = results.groupby(["loss", "score_name"])["fpr95"].mean().reset_index()
+def head_scores(loss: str) -> tuple[str, ...]:
+    """The scores that read a loss's own head output (the loss table's row)."""
+    from oodscale.classify.losses import LOSSES
+
+    return LOSSES[loss].head_scores if loss in LOSSES else ()
+
+
+def primary_scores(results: pd.DataFrame,
+                   candidates: dict[str, Sequence[str]] | None = None) -> dict[str, str]:
+    """Per loss, the score (of its `candidates`, else any) with the lowest FPR95, near and far
+    weighted equally: each group's mean over its OOD sets first, then the groups' mean, then
+    the mean over the loss's runs. A mean over sets would let the many noise sets decide."""
+    per_group = results.groupby(["loss", "score_name", "run", "group"])["fpr95"].mean()
+    per_run = per_group.groupby(["loss", "score_name", "run"]).mean()
+    mean_fpr = per_run.groupby(["loss", "score_name"]).mean().reset_index()
+    if candidates is not None:
+        mean_fpr = mean_fpr[[score in candidates.get(loss, ()) for loss, score in
+                             zip(mean_fpr["loss"], mean_fpr["score_name"], strict=True)]]
     best = mean_fpr.sort_values(["loss", "fpr95", "score_name"]).groupby("loss").head(1)
     return dict(zip(best["loss"], best["score_name"], strict=True))
+
+
+# The two protocols every comparison is made under, in the report's order.
+PROTOCOLS = {
+    "paper": "the paper's: each head through its own output (softmax: `msp`; cosine heads: "
+             "their cosine logits, `maxcos` or `energy`), where OE acts",
+    "openood": "OpenOOD v1.5's: any score, kNN and Mahalanobis on the embedding included",
+}
+
+
+def protocol_scores(selection: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """protocol → loss → its score, each chosen on `selection` (the validation results)."""
+    evaluated = set(selection["score_name"])
+    heads = {loss: [s for s in head_scores(loss) if s in evaluated]
+             for loss in selection["loss"].unique()}
+    return {"paper": primary_scores(selection, heads), "openood": primary_scores(selection)}
 
 
 def _per_set_table(results: pd.DataFrame, primary: dict[str, str]) -> pd.DataFrame:
@@ -161,25 +180,55 @@ def _per_set_table(results: pd.DataFrame, primary: dict[str, str]) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def paper_table(results: pd.DataFrame, primary: dict[str, str]) -> str:
-    """Rows loss × outliers at each loss's primary score; near/far columns; best in bold."""
-    table = _scored_table(results[results["score_name"] == results["loss"].map(primary)])
-    return _markdown(_bold(table.frame, table.best))
-
-
 @dataclass
 class Table:
-    """One report table: display strings, and which cells are their column's best (or None)."""
+    """One report table: display strings, which cells to mark (or None), a note above it."""
 
     title: str
     frame: pd.DataFrame
     best: pd.DataFrame | None = None
+    note: str = ""
 
 
-def _scored_table(results: pd.DataFrame, title: str = "") -> Table:
-    means, _, _ = _summary_stats(results)
-    frame = summary_table(results)
-    return Table(title, frame, _best_mask(frame, means.reset_index(drop=True)))
+COMPARISON_LABELS = {"vs_none": "its loss without outliers",
+                     "vs_softmax": "softmax without outliers"}
+
+
+def _interval(row: pd.Series) -> str:
+    return f"{row['diff']:+.1f} [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]"
+
+
+def comparison_table(comparisons: pd.DataFrame, protocol: str) -> Table:
+    """One row per (cell, reference): each group's and metric's paired difference with its
+    95 % CI; bold where the interval excludes zero on the better side."""
+    part = comparisons[comparisons["protocol"] == protocol]
+    keys = ["comparison", "loss", "outliers", "score_name", "ref_loss", "ref_outliers",
+            "ref_score_name"]
+    columns = [(g, m) for g in (*GROUPS, "id") for m in ("fpr95", "auroc", "id_acc")
+               if ((part["group"] == g) & (part["metric"] == m)).any()]
+    rows, marks = [], []
+    for key, cell in part.groupby(keys, sort=False):
+        info = dict(zip(keys, key, strict=True))
+        row = {"cell": f"{info['loss']}-{info['outliers']} ({info['score_name']})",
+               "against": f"{info['ref_loss']}-{info['ref_outliers']} "
+                          f"({info['ref_score_name']})",
+               "seeds": str(int(cell["seeds"].iloc[0]))}
+        mark = {"cell": False, "against": False, "seeds": False}
+        for g, m in columns:
+            hit = cell[(cell["group"] == g) & (cell["metric"] == m)]
+            name = ID_ACC_LABEL + " Δ" if m == "id_acc" else f"{g} {METRIC_LABELS[m]} Δ"
+            row[name] = _interval(hit.iloc[0]) if len(hit) else "-"
+            mark[name] = bool(len(hit)) and hit.iloc[0]["verdict"] == "better"
+        rows.append(row)
+        marks.append(mark)
+    frame = pd.DataFrame(rows)
+    return Table(f"Paired differences, {protocol} protocol (95 % CI)", frame,
+                 pd.DataFrame(marks, columns=frame.columns) if rows else None,
+                 "Each cell against " + " and against ".join(COMPARISON_LABELS.values()) +
+                 ", seed by seed and image by image: difference of the means [95 % bootstrap "
+                 "interval over seeds and test images]. FPR95 lower and AUROC higher is better; "
+                 "**bold**: the interval excludes zero on the better side. Everything else is "
+                 "undecided or worse.")
 
 
 def _slug(text: str) -> str:
@@ -264,10 +313,42 @@ def _bar_plot(results: pd.DataFrame, primary: dict[str, str], path: str) -> None
     _save(fig, path)
 
 
-def conventions(results: pd.DataFrame) -> list[str]:
+def _forest_plot(comparisons: pd.DataFrame, protocol: str, path: str) -> bool:
+    """Each cell's paired FPR95 difference with its 95 % CI, near and far side by side; False
+    where there is nothing to draw."""
+    part = comparisons[(comparisons["protocol"] == protocol) & (comparisons["metric"] == "fpr95")]
+    present = [g for g in GROUPS if (part["group"] == g).any()]
+    if part.empty:
+        return False
+    colours = {"better": "tab:green", "worse": "tab:red", "undecided": "tab:grey"}
+    labels = list(dict.fromkeys(
+        f"{r.loss}-{r.outliers} − {r.ref_loss}-{r.ref_outliers}" for r in part.itertuples()))
+    fig, axes = _grid(len(present), 2, (5.0, 0.9 + 0.32 * len(labels)))
+    for ax, group in zip(axes, present, strict=True):
+        rows = part[part["group"] == group]
+        for r in rows.itertuples():
+            y = labels.index(f"{r.loss}-{r.outliers} − {r.ref_loss}-{r.ref_outliers}")
+            ax.errorbar(r.diff, y, xerr=[[r.diff - r.ci_low], [r.ci_high - r.diff]], fmt="o",
+                        color=colours[r.verdict], capsize=3, ms=4)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [""] * len(labels),
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.set(title=f"{group}-OOD", xlabel="FPR95 difference (points) ← better")
+    fig.suptitle(f"Paired FPR95 differences, {protocol} protocol, 95 % CI "
+                 "(green: better, red: worse, grey: undecided)", fontsize=9)
+    _save(fig, path)
+    return True
+
+
+def conventions(results: pd.DataFrame, scores: pd.DataFrame) -> list[str]:
     """The report's convention notes, one Markdown sentence group each."""
+    from oodscale.evaluate.detectors import SCORES
+
     sets = {g: sorted(results.loc[results["group"] == g, "ood_set"].unique()) for g in GROUPS}
     listing = "; ".join(f"{g}: {', '.join(s) if s else '(none)'}" for g, s in sets.items())
+    reads = "; ".join(f"`{name}` reads {SCORES[name].reads}"
+                      for name in sorted(scores["score_name"].unique()) if name in SCORES)
     return [
         "OOD is the positive class (OpenOOD v1.5). Scores follow OpenOOD's sign: "
         "higher score = more in-distribution (`score` in `scores.parquet`); pytorch-ood's "
@@ -280,7 +361,27 @@ def conventions(results: pd.DataFrame) -> list[str]:
         "and as `fpr95_id_positive` in `results.parquet`.",
         "All values are in %. Near/far: each group's metrics are averaged over its OOD "
         "sets, then mean ± std (ddof=0) over seeds. " + listing + ".",
+        "What each score reads: " + reads + ". OE trains the head's output; no loss term "
+        "trains the raw embedding's norm.",
+        "A difference counts only with its interval: a paired difference (same seed, same "
+        "initial weights and ID batches, same test images) with a 95 % bootstrap interval over "
+        "seeds and test images; inside the interval it is undecided. No table marks a best "
+        "value by rank alone.",
     ]
+
+
+def _set_table(scores: pd.DataFrame, results: pd.DataFrame,
+               set_sources: dict[str, str] | None) -> Table:
+    """Each test set's size, group and number of distinct source images."""
+    one = scores[(scores["run"] == scores["run"].iloc[0])
+                 & (scores["score_name"] == scores["score_name"].iloc[0])]
+    sizes = one.groupby("dataset").size()
+    groups = dict(zip(results["ood_set"], results["group"], strict=False))
+    rows = [{"set": name, "group": "ID" if name == "id" else groups.get(name, "far"),
+             "images": f"{int(sizes[name]):,}",
+             "sources": (set_sources or {}).get(name, "-")}
+            for name in sorted(sizes.index, key=lambda n: (n != "id", groups.get(n, ""), n))]
+    return Table("Test sets", pd.DataFrame(rows))
 
 
 @dataclass
@@ -288,11 +389,36 @@ class ReportContent:
     """What report.md and report.html show, built once from the two frames (plots rendered)."""
 
     title: str
-    primary: dict[str, str]  # loss → its primary score
-    selected_on: str  # which sets chose `primary`, for the reader
+    protocols: dict[str, dict[str, str]]  # protocol → loss → its score
+    selected_on: str  # which sets chose the scores, for the reader
     conventions: list[str]
     tables: list[Table]
     figures: list[tuple[str, str]]  # (caption, path relative to the report's folder)
+    comparisons: pd.DataFrame  # intervals.COMPARISON_COLUMNS
+    claims: pd.DataFrame  # claims.CLAIM_COLUMNS
+
+    @property
+    def primary(self) -> dict[str, str]:
+        """OpenOOD's choice per loss (what the plots and per-set table show)."""
+        return self.protocols["openood"]
+
+
+def _selected_on(selection: pd.DataFrame | None) -> str:
+    if selection is None:
+        return ("the test sets themselves (this experiment has no validation sets: prepare it "
+                "with data.val_fraction > 0 and an OOD validation set), so the main tables are "
+                "optimistic")
+    return ("the validation sets alone: the ID validation split (data/id/val) against the OOD "
+            "validation sets " + ", ".join(f"`{s}`" for s in sorted(selection["ood_set"].unique()))
+            + " (data/ood-val/, disjoint from every test image); no test set chose anything")
+
+
+def protocol_note(protocol: str, chosen: dict[str, str], selected_on: str) -> str:
+    return (f"Protocol: {PROTOCOLS[protocol]}. Each loss's score has the lowest FPR95 with the "
+            "near and far groups weighted equally (each group's mean over its sets first), on "
+            + selected_on + ": " + ", ".join(f"{loss}: `{s}`" for loss, s in chosen.items()) +
+            ". The ambiguity filter's τ, the guidance scale, the λ distribution and λ_oe are "
+            "fixed in the config, not chosen on any data.")
 
 
 def build_report(
@@ -302,70 +428,85 @@ def build_report(
     title: str,
     extra_images: dict[str, str] | None = None,
     selection: pd.DataFrame | None = None,
+    set_sources: dict[str, str] | None = None,
+    n_boot: int = 1000,
+    boot_seed: int = 0,
 ) -> ReportContent:
-    """Tables and conventions from the frames; plots rendered to ``out_dir/plots/*.png``.
+    """Tables, intervals and claims from the frames; plots rendered to ``out_dir/plots/*.png``.
 
     ``selection`` (``val_results.parquet``: the same runs on the ID and OOD validation sets)
-    chooses each loss's primary score; without it the test results do, which is optimistic.
+    chooses each loss's score under both protocols; without it the test results do, which is
+    optimistic. ``n_boot`` bootstrap draws give every paired interval.
     """
+    from oodscale.evaluate.claims import claims_summary, decide_claims
+    from oodscale.evaluate.intervals import comparisons as paired_comparisons
+
     plots_dir = os.path.join(out_dir, "plots")
     os.makedirs(plots_dir, exist_ok=True)
-    primary = primary_scores(results if selection is None else selection)
-    if selection is None:
-        selected_on = ("the test sets themselves (this experiment has no validation sets: "
-                       "prepare it with data.val_fraction > 0 and an OOD validation set), so "
-                       "the main table is optimistic")
-    else:
-        selected_on = ("the validation sets alone: the ID validation split (data/id/val) "
-                       "against the OOD validation sets " +
-                       ", ".join(f"`{s}`" for s in sorted(selection["ood_set"].unique())) +
-                       " (data/ood-val/, disjoint from every test image); no test set "
-                       "chose anything")
+    protocols = protocol_scores(results if selection is None else selection)
+    selected_on = _selected_on(selection)
+    groups = dict(zip(results["ood_set"], results["group"], strict=False))
+    comparisons = paired_comparisons(scores, groups, protocols, n_boot, boot_seed)
+    claims = decide_claims(comparisons)
 
     figures: list[tuple[str, str]] = []
+    for protocol in PROTOCOLS:
+        rel = f"plots/paired_fpr95_{protocol}.png"
+        if _forest_plot(comparisons, protocol, os.path.join(out_dir, rel)):
+            figures.append((f"Paired FPR95 differences with 95 % CI, {protocol} protocol", rel))
+    primary = protocols["openood"]
+    plotted = set()
+    for protocol in PROTOCOLS:
+        for loss, score_name in protocols[protocol].items():
+            if (loss, score_name) in plotted:
+                continue
+            plotted.add((loss, score_name))
+            rel = f"plots/roc_{_slug(loss)}_{_slug(score_name)}.png"
+            _roc_plot(scores, loss, score_name, os.path.join(out_dir, rel))
+            figures.append((f"ROC curves, {loss} ({score_name})", rel))
     for loss, score_name in primary.items():
-        rel = f"plots/roc_{_slug(loss)}_{_slug(score_name)}.png"
-        _roc_plot(scores, loss, score_name, os.path.join(out_dir, rel))
-        figures.append((f"ROC curves, {loss} ({score_name})", rel))
         runs = results[results["loss"] == loss].sort_values(["outliers", "seed", "run"])
         for _, first in runs.groupby("outliers", sort=True).head(1).iterrows():
             rel = f"plots/hist_{_slug(first['run'])}_{_slug(score_name)}.png"
             _hist_plot(scores, first["run"], score_name, os.path.join(out_dir, rel))
             figures.append((f"Score histograms, run {first['run']} ({score_name})", rel))
-    _bar_plot(results, primary, os.path.join(plots_dir, "fpr95_outliers.png"))
-    figures.append(("FPR95 with and without outliers", "plots/fpr95_outliers.png"))
+    for protocol, chosen in protocols.items():
+        rel = f"plots/fpr95_outliers_{protocol}.png"
+        _bar_plot(results, chosen, os.path.join(out_dir, rel))
+        figures.append((f"FPR95 with and without outliers, {protocol} protocol", rel))
     figures += [(caption, os.path.relpath(path, out_dir))
                 for caption, path in (extra_images or {}).items()]
 
-    chosen = results[results["score_name"] == results["loss"].map(primary)]
-    tables = [
-        _scored_table(chosen, "Main table (each loss at its primary score; best per column "
-                      "in bold)"),
-        _scored_table(results, "Every score (mean over the OOD sets of each group; best per "
-                      "column in bold)"),
-        Table("Per OOD set (best score per loss by mean FPR95)",
-              _per_set_table(results, primary)),
+    tables = []
+    for protocol, chosen in protocols.items():
+        picked = results[results["score_name"] == results["loss"].map(chosen)]
+        tables.append(Table(f"Main table, {protocol} protocol", summary_table(picked),
+                            note=protocol_note(protocol, chosen, selected_on)))
+        tables.append(comparison_table(comparisons, protocol))
+    summary = claims_summary(claims)
+    if len(summary):
+        tables.append(Table("The paper's claims, decided", summary, None,
+                            "Computed from the paired intervals above (`claims.parquet`): "
+                            "holds where every loss's interval excludes zero on the claimed "
+                            "side, fails where one excludes it on the other, else undecided."))
+    tables += [
+        _set_table(scores, results, set_sources),
+        Table("Every score (mean over the OOD sets of each group)", summary_table(results)),
+        Table("Per OOD set (OpenOOD protocol's score per loss)", _per_set_table(results, primary)),
     ]
-    return ReportContent(title, primary, selected_on, conventions(results), tables, figures)
-
-
-def primary_note(content: ReportContent) -> str:
-    return ("The primary score of a loss is the one with the lowest mean FPR95 over all its "
-            "runs and OOD sets of " + content.selected_on + ": " +
-            ", ".join(f"{loss}: `{score}`" for loss, score in content.primary.items()) +
-            ". The ambiguity filter's τ, the guidance scale, the λ distribution and λ_oe are "
-            "fixed in the config, not chosen on any data.")
+    return ReportContent(title, protocols, selected_on, conventions(results, scores), tables,
+                         figures, comparisons, claims)
 
 
 def markdown_report(content: ReportContent) -> str:
-    """report.md's text: conventions, the three tables, then every figure."""
+    """report.md's text: conventions, the tables, then every figure."""
     sections = [f"# {content.title}", "", "## Conventions", "",
                 *[f"- {line}" for line in content.conventions]]
-    for i, table in enumerate(content.tables):
+    for table in content.tables:
         sections += ["", f"## {table.title}", ""]
-        if i == 0:
-            sections += [primary_note(content), ""]
-        sections.append(_markdown(_bold(table.frame, table.best)))
+        if table.note:
+            sections += [table.note, ""]
+        sections.append(markdown_table(_bold(table.frame, table.best)))
     sections += ["", "## Plots", ""]
     sections += [f"![{caption}]({rel})\n" for caption, rel in content.figures]
     return "\n".join(sections).rstrip() + "\n"
@@ -379,18 +520,25 @@ def write_report(
     extra_images: dict[str, str] | None = None,
     provenance: dict[str, Any] | None = None,
     selection: pd.DataFrame | None = None,
+    set_sources: dict[str, str] | None = None,
+    n_boot: int = 1000,
 ) -> str:
-    """Write ``report.md`` and ``plots/*.png`` under a local ``out_dir``, and with
-    ``provenance`` (`report_html.provenance`) the self-contained ``report.html`` too.
+    """Write ``report.md``, ``comparisons.parquet``, ``claims.parquet`` and ``plots/*.png``
+    under a local ``out_dir``, and with ``provenance`` (`report_html.provenance`) the
+    self-contained ``report.html`` too.
 
-    Returns the paper-style table (one row per loss × outliers) for a CLI to print.
+    Returns the paper protocol's main table and the claims, for a CLI to print.
     """
-    content = build_report(results, scores, out_dir, title, extra_images, selection)
+    content = build_report(results, scores, out_dir, title, extra_images, selection,
+                           set_sources, n_boot)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown_report(content))
+    content.comparisons.to_parquet(os.path.join(out_dir, "comparisons.parquet"), index=False)
+    content.claims.to_parquet(os.path.join(out_dir, "claims.parquet"), index=False)
     if provenance is not None:
         from oodscale.evaluate.report_html import write_html  # it imports this module
 
         write_html(content, out_dir, provenance)
-    main = content.tables[0]
-    return _markdown(_bold(main.frame, main.best))
+    shown = [t for t in content.tables if t.title.startswith("Main table")][:1]
+    shown += [t for t in content.tables if t.title.startswith("The paper's claims")]
+    return "\n\n".join(f"{t.title}\n{markdown_table(_bold(t.frame, t.best))}" for t in shown)

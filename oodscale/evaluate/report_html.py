@@ -117,14 +117,12 @@ def _provenance_html(prov: dict[str, Any]) -> str:
 
 def html_report(content: ReportContent, out_dir: str, prov: dict[str, Any]) -> str:
     """The whole page as one string; images read from `out_dir` and embedded."""
-    from oodscale.evaluate.report import primary_note
-
     parts = [f"<h1>{html.escape(content.title)}</h1>", "<h2>Conventions</h2><ul>",
              *[f"<li>{_inline(line)}</li>" for line in content.conventions], "</ul>"]
-    for i, table in enumerate(content.tables):
+    for table in content.tables:
         parts.append(f"<h2>{html.escape(table.title)}</h2>")
-        if i == 0:
-            parts.append(f"<p>{_inline(primary_note(content))}</p>")
+        if table.note:
+            parts.append(f"<p>{_inline(table.note)}</p>")
         parts.append(_table(table))
     parts.append("<h2>Plots</h2>")
     for caption, rel in content.figures:

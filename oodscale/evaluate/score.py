@@ -90,7 +90,7 @@ class Scorer:
                        for run, clf in self.classifiers.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {"dataset": batch["dataset"], "label": batch["label"]}
+        out = {"dataset": batch["dataset"], "sample": batch["key"], "label": batch["label"]}
         for run, clf in self.classifiers.items():
             acts = clf.activations_on_device(batch["image"])
             out[f"pred::{run}"] = acts.logits.argmax(1).cpu().numpy()
@@ -148,7 +148,7 @@ def validation_sets(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
 def _test_dataset(layout: RunLayout, sets: dict[str, str]):
     parts = []
     for name, directory in sets.items():
-        ds, _ = read_shards(layout.storage, directory)
+        ds, _ = read_shards(layout.storage, directory, keys=True)
         parts.append(ds.map_batches(_tag, fn_kwargs={"name": name}, batch_format="numpy"))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
@@ -197,17 +197,18 @@ def score_runs(cfg: ExperimentConfig, layout: RunLayout) -> pd.DataFrame:
         run = card["run"]
         prefix = f"score::{run}::"
         renames = {c: c.removeprefix(prefix) for c in wide.columns if c.startswith(prefix)}
-        long = wide[["dataset", "label", f"pred::{run}", *renames]].rename(
+        long = wide[["dataset", "sample", "label", f"pred::{run}", *renames]].rename(
             columns={f"pred::{run}": "pred", **renames}).melt(
-            id_vars=["dataset", "label", "pred"], var_name="score_name", value_name="score")
+            id_vars=["dataset", "sample", "label", "pred"], var_name="score_name",
+            value_name="score")
         long = long.assign(run=run, loss=card["loss"], outliers=card["outliers"],
                            seed=card["seed"],
                            is_ood=~long["dataset"].isin(["id", f"{VAL_PREFIX}id"]))
         frames.append(long)
-    columns = ["run", "loss", "outliers", "seed", "score_name", "dataset", "is_ood", "score",
-               "label", "pred"]
+    columns = ["run", "loss", "outliers", "seed", "score_name", "dataset", "sample", "is_ood",
+               "score", "label", "pred"]
     scores = pd.concat(frames, ignore_index=True)[columns]
-    return scores.astype({"seed": "int64", "label": "int64", "pred": "int64",
+    return scores.astype({"seed": "int64", "label": "int64", "pred": "int64", "sample": "str",
                           "score": "float64", "is_ood": "bool"})
 
 
@@ -241,6 +242,23 @@ def evaluate(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
             "runs": int(results["run"].nunique())}
 
 
+def set_sources(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
+    """Test set → how many distinct source images it holds, from the manifests prepare wrote
+    (sets prepared before manifests recorded it are left out)."""
+    out = {}
+    for name, directory in test_sets(cfg, layout).items():
+        manifest = try_read_manifest(layout.storage, directory)
+        if manifest is None:
+            continue
+        if name == "id":
+            out[name] = f"{manifest.num_samples} images"
+        elif "sources" in manifest.extra:
+            out[name] = manifest.extra["sources"]
+        elif manifest.extra.get("source") != "builtin":
+            out[name] = f"{manifest.num_samples} images (bring-your-own)"
+    return out
+
+
 def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFrame,
                   scores: pd.DataFrame) -> str:
     """report.md, report.html and plots/ from the two frames (plus provenance), written under
@@ -261,7 +279,9 @@ def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFram
             selection = pd.read_parquet(io.BytesIO(storage.read_bytes(
                 f"{layout.eval_dir}/val_results.parquet")))
         summary = write_report(results, scores, str(out), title=f"oodscale — {cfg.name}",
-                               extra_images=extra, provenance=prov, selection=selection)
+                               extra_images=extra, provenance=prov, selection=selection,
+                               set_sources=set_sources(cfg, layout),
+                               n_boot=cfg.evaluate.bootstrap)
         for path in sorted(out.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(out).as_posix()
