@@ -198,6 +198,10 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
         parser.add_argument("--score", help="predict: the score (default detector.score)")
         parser.add_argument("--out", default="predictions.csv",
                             help="predict: output rows, .csv or .parquet (default %(default)s)")
+        parser.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
+                            help="predict: local (one process), ray (Ray Data batch inference "
+                                 "into Parquet parts, resumable) or auto (ray for more than "
+                                 "20,000 files)")
         parser.add_argument("--skip-bad", action="store_true",
                             help="predict: an unreadable image is a row with its error, not the "
                                  "end of the run")
@@ -229,7 +233,8 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
 
         overrides, paths = _split_paths(overrides)
         run = functools.partial(run, request=PredictRequest(args.run, args.score, args.out,
-                                                            paths, args.skip_bad))
+                                                            paths, args.skip_bad,
+                                                            args.engine, args.address))
     try:
         cfg = load_config(config_path, overrides, args.ood)
     except ConfigError as err:

@@ -38,6 +38,11 @@ class PredictRequest:
     out: str
     paths: list[str]
     skip_bad: bool = False  # an unreadable file is a row with its `error`, not the end
+    engine: str = "auto"  # local (one process), ray (Ray Data), auto: ray above RAY_MIN_FILES
+    address: str | None = None  # the Ray cluster of the ray engine (else as every stage)
+
+
+RAY_MIN_FILES = 20_000  # auto: more files than this are scored with Ray Data (predict_ray)
 
 
 def iter_image_paths(paths: list[str], skipped: list[str] | None = None) -> Iterator[Storage]:
@@ -169,16 +174,26 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
     detector = Detector.load(layout.storage.at(directory), request.score,
                              batch_size=cfg.evaluate.batch_size,
                              limits=ImageLimits.from_config(cfg.data))
+    size = (detector.image_size, detector.channels)
+    skipped: list[str] = []
+    files: Iterator[Storage] = iter_image_paths(request.paths, skipped)
+    if request.engine != "local":
+        listed = list(files)
+        if request.engine == "ray" or len(listed) > RAY_MIN_FILES:
+            from oodscale.predict_ray import predict_with_ray
+
+            return "\n".join([detector.describe(), predict_with_ray(
+                cfg, layout, request, listed, layout.storage.at(directory), skipped, size)])
+        files = iter(listed)
     out = Path(request.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
     writer_type = pq.ParquetWriter if out.suffix == ".parquet" else pacsv.CSVWriter
-    tally, skipped = _Tally(), []
+    tally = _Tally()
     stop: BadImageError | None = None
-    size = (detector.image_size, detector.channels)
     try:
         with writer_type(str(tmp), ROW_SCHEMA) as writer, ThreadPoolExecutor(4) as pool:
-            for chunk in _chunks(iter_image_paths(request.paths, skipped), detector.batch_size):
+            for chunk in _chunks(files, detector.batch_size):
                 decoded = _decode_all(pool, chunk, size, detector.limits)
                 first = next((i for i, d in enumerate(decoded) if isinstance(d, BadImageError)),
                              None)

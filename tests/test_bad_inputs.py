@@ -667,3 +667,63 @@ def test_storage_keys_are_carried_as_pairs_never_reparsed(tmp_path):
     out = tmp_path / "rows.parquet"
     predict(cfg, layout, PredictRequest("x-none-s0", None, str(out), [str(image)]))
     assert list(pd.read_parquet(out)["path"]) == [str(image)]
+
+
+@pytest.mark.integration
+def test_predict_with_ray_data_writes_parts_resumes_and_skips_bad_files(calibrated, tmp_path,
+                                                                         ray_cluster,
+                                                                         monkeypatch):
+    import pandas as pd
+
+    import oodscale.predict_ray as predict_ray
+    from oodscale.data.images import BadImageError
+    from oodscale.predict import PredictRequest, predict
+
+    monkeypatch.setattr(predict_ray, "PART_FILES", 3)
+    cfg, layout, run = calibrated
+    folder = tmp_path / "mine"
+    bad = _hostile_folder(folder)
+    for i in range(4):
+        Image.fromarray(np.full((9, 9), 20 * i, np.uint8)).save(folder / f"more{i}.png")
+    out = tmp_path / "rows"
+    request = PredictRequest(run, None, str(out), [str(folder)], skip_bad=True, engine="ray")
+    summary = predict(cfg, layout, request)
+    assert "3 of 3 part(s) scored now" in summary and "3 file(s) could not be read" in summary
+    parts = sorted(out.glob("part-*.parquet"))
+    rows = pd.concat([pd.read_parquet(p) for p in parts])
+    assert len(parts) == 3 and len(rows) == 9
+    assert list(rows.columns) == ["path", "score", "is_ood", "pred", "error"]
+    assert sorted(rows.loc[rows["error"].notna(), "path"]) == sorted(map(str, bad))
+    assert rows.loc[rows["error"].isna(), "score"].notna().sum() == 6
+    assert json.loads((out / "_SUCCESS.json").read_text())["unreadable"] == 3
+    local = tmp_path / "local.parquet"  # the single-process path gives the same scores
+    predict(cfg, layout, PredictRequest(run, None, str(local), [str(folder)], skip_bad=True,
+                                        engine="local"))
+    both = rows.merge(pd.read_parquet(local), on="path", suffixes=("", "_local"))
+    assert np.allclose(both["score"].dropna(), both["score_local"].dropna(), atol=1e-5)
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts}
+    parts[1].unlink()  # an interrupted run: one part missing
+    summary = predict(cfg, layout, request)
+    assert "1 of 3 part(s) scored now (2 already written)" in summary
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet"))
+            if p.name != parts[1].name} == {k: v for k, v in stamps.items()
+                                           if k != parts[1].name}
+    again = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("part-*"))])
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), rows.reset_index(drop=True),
+                                  check_exact=False, atol=1e-5)
+    for p in out.glob("part-*"):
+        p.unlink()
+    with pytest.raises(BadImageError, match="rerun resumes from them"):
+        predict(cfg, layout, PredictRequest(run, None, str(out), [str(folder)], engine="ray"))
+
+
+def test_unreadable_image_errors_say_why_in_words(tmp_path):
+    from oodscale.data.images import BadImageError
+    from oodscale.detector import training_images
+
+    bad = _hostile_folder(tmp_path / "mine")
+    for path, why in zip(bad, ["", "not an image of a format read here", "the file is empty"],
+                         strict=True):
+        with pytest.raises(BadImageError, match=f"cannot decode image {path}: {why}") as caught:
+            training_images([path], 16, 1)
+        assert "BytesIO" not in str(caught.value)

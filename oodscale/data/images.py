@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from oodscale.runtime import Storage
 
@@ -95,7 +95,10 @@ def open_image(data: bytes, source: str, limits: ImageLimits = DEFAULT_LIMITS,
         raise BadImageError(f"image {source} is refused as a decompression bomb ({err}); "
                             f"remove or replace it") from None
     except Exception as err:  # PIL raises many types for bad files
-        raise BadImageError(f"cannot decode image {source}: {err} (formats read: "
+        why = ("the file is empty" if not data else
+               "not an image of a format read here" if isinstance(err, UnidentifiedImageError)
+               else str(err))  # Pillow's own message names an in-memory buffer, not the file
+        raise BadImageError(f"cannot decode image {source}: {why} (formats read: "
                             f"{', '.join(formats)}); remove or replace it") from None
     width, height = image.size
     if width * height > limits.max_pixels:
