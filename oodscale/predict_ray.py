@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from oodscale.config import ExperimentConfig
-from oodscale.data.images import BadImageError, ImageLimits
+from oodscale.data.images import BadImageError, ImageLimits, decode_to_size, read_image_bytes
 from oodscale.runtime import RunLayout, Storage
 
 PART_FILES = 4096  # files per output part: the unit a rerun skips
@@ -43,16 +43,16 @@ def parts_dir(out: Path) -> Path:
 
 def decode_files(batch: dict[str, np.ndarray], storages: list[Storage], size: int,
                  channels: int, limits: ImageLimits) -> dict[str, Any]:
-    """Ray Data task: read and decode each listed file (C×H×W uint8), or say why not (its
-    `error`; the image is zeros and is not scored)."""
-    from oodscale.detector import training_images
-
+    """Ray Data task: read and decode each listed file (C×H×W uint8, as `training_images`
+    does, without importing torch), or say why not (its `error`; the image is zeros and is
+    not scored)."""
     images = np.zeros((len(batch["path"]), channels, size, size), np.uint8)
     errors = []
     for i, (root, path) in enumerate(zip(batch["root"], batch["path"], strict=True)):
         file = storages[int(root)].at(str(path))
         try:
-            images[i] = training_images([file], size, channels, limits)[0]
+            data = read_image_bytes(file, file.base, limits, file.uri)
+            images[i] = decode_to_size(data, size, channels, file.uri, limits).transpose(2, 0, 1)
             errors.append("")
         except BadImageError as err:
             errors.append(str(err))

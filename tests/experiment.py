@@ -25,3 +25,26 @@ def build_experiment(root: Path) -> tuple[Path, list[str]]:
     for stage in ("prepare", "train", "calibrate", "evaluate"):
         assert main([stage, CONFIG, *overrides]) == 0, stage
     return root, overrides
+
+
+def hand_calibrated(root: Path, run: str = "x-none-s0", experiment: str = "digits") -> Path:
+    """A calibrated three-class 16x16 gray classifier written by hand under the local run root
+    `root` (untrained weights, threshold far below every score; no Ray): enough for `predict`
+    and `Detector.load` to load, score and decide. Returns its directory."""
+    import json
+
+    from oodscale.classify.checkpoints import classifier_from_card, save_classifier
+    from oodscale.evaluate.calibration import CALIBRATION, weights_sha256
+    from oodscale.runtime import open_storage
+
+    card = {"backbone": "smallcnn", "loss": "softmax", "channels": 1, "image_size": 16,
+            "num_classes": 3, "embedding_dim": 8, "head_options": {}, "run": run,
+            "class_names": ["a", "b", "c"]}
+    directory = root / experiment / "classifiers" / run
+    save_classifier(classifier_from_card(card), card, directory)
+    (directory / CALIBRATION).write_text(json.dumps({
+        "default_score": "energy", "tpr_target": 0.95,
+        "set_on": {"split": "val", "images": 10},
+        "weights_sha256": weights_sha256(open_storage(str(directory)), str(directory)),
+        "scores": {"energy": {"threshold": -1e9, "val_accepted": 1.0}}}))
+    return directory

@@ -21,6 +21,7 @@ from oodscale.config import load_config
 from oodscale.data.shards import load_arrays, read_manifest, write_split
 from oodscale.diffusion.model import LabelConditionedUNet, load_unet
 from oodscale.runtime import open_storage
+from tests.experiment import hand_calibrated
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,33 +276,13 @@ def test_only_the_supported_image_formats_are_opened(tmp_path):
         training_images([path], 16, 1)
 
 
-def _hand_calibrated(root: Path, run: str = "x-none-s0") -> Path:
-    """A calibrated three-class digits classifier written by hand under the local run root
-    `root` (untrained weights; no Ray): enough for `predict` to load, score and decide.
-    Returns its directory."""
-    from oodscale.classify.checkpoints import classifier_from_card
-    from oodscale.evaluate.calibration import CALIBRATION, weights_sha256
-
-    card = {"backbone": "smallcnn", "loss": "softmax", "channels": 1, "image_size": 16,
-            "num_classes": 3, "embedding_dim": 8, "head_options": {}, "run": run,
-            "class_names": ["a", "b", "c"]}
-    directory = root / "digits" / "classifiers" / run
-    save_classifier(classifier_from_card(card), card, directory)
-    (directory / CALIBRATION).write_text(json.dumps({
-        "default_score": "energy", "tpr_target": 0.95,
-        "set_on": {"split": "val", "images": 10},
-        "weights_sha256": weights_sha256(open_storage(str(directory)), str(directory)),
-        "scores": {"energy": {"threshold": -1e9, "val_accepted": 1.0}}}))
-    return directory
-
-
 @pytest.fixture
 def calibrated(tmp_path):
-    """`_hand_calibrated` under tmp_path/runs: (config, layout, run)."""
+    """`hand_calibrated` under tmp_path/runs: (config, layout, run)."""
     from oodscale.runtime import layout_for
 
     cfg = load_config(CONFIG, [f"storage.root={tmp_path / 'runs'}", "evaluate.batch_size=2"])
-    _hand_calibrated(tmp_path / "runs")
+    hand_calibrated(tmp_path / "runs")
     return cfg, layout_for(cfg), "x-none-s0"
 
 
@@ -627,7 +608,7 @@ def test_predict_reads_and_names_keys_with_odd_characters_on_local_disk(tmp_path
     import pandas as pd
 
     root = tmp_path / f"runs {ODD}"
-    _hand_calibrated(root)
+    hand_calibrated(root)
     folder = tmp_path / f"images {ODD}"
     folder.mkdir()
     for name in (f"{ODD}.png", "plain.png"):
@@ -652,7 +633,7 @@ def test_storage_keys_are_carried_as_pairs_never_reparsed(tmp_path):
     from oodscale.runtime import RunLayout, Storage
 
     bucket = tmp_path / "bucket"
-    _hand_calibrated(bucket / f"runs {ODD}")
+    hand_calibrated(bucket / f"runs {ODD}")
     storage = Storage(fs=pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem()),
                       base=f"runs {ODD}", uri=f"mock://bucket/runs {ODD}")
     with pytest.raises(Exception, match="mock"):

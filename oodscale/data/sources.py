@@ -22,11 +22,10 @@ from oodscale.data.builtin import resize
 from oodscale.data.images import (
     DEFAULT_LIMITS,
     IMAGE_SUFFIXES,
-    BadImageError,
     ImageLimits,
+    decode_to_size,
     image_files,
     list_folder,
-    open_image,
     read_image_bytes,
 )
 from oodscale.data.shards import (
@@ -73,16 +72,7 @@ def list_imagefolder(root: str) -> tuple[list[str], list[int], list[str]]:
     return files, labels, classes
 
 
-def decode_image(data: bytes, size: int, channels: int, source: str,
-                 limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """size×size×channels uint8 from a user's image file bytes, checked (`open_image`) first."""
-    opened = open_image(data, source, limits)
-    try:
-        image = np.asarray(opened.convert("L" if channels == 1 else "RGB"))
-    except Exception as err:  # PIL raises many types for bad files
-        raise BadImageError(f"cannot decode image {source}: {err}; remove or replace "
-                            f"it") from None
-    return resize(image, size, channels)
+decode_image = decode_to_size  # a user's image file → size×size×channels uint8, checked
 
 
 class ShardWriter:

@@ -1,0 +1,124 @@
+"""`oodscale predict` side by side: the single-process path and Ray Data batch inference.
+
+    .venv/bin/python bench/bench_predict.py             # ~5 min on 2 cores; appends to
+                                                        # docs/benchmarks.md
+    .venv/bin/python bench/bench_predict.py --no-write  # print only
+    .venv/bin/python bench/bench_predict.py --no-write --images 500  # a quick look
+
+Both paths score the same folder of 32x32 RGB PNGs with the same classifier (a calibrated
+smallcnn written by hand, tests/experiment.hand_calibrated: scoring cost is a digits model's).
+Each row runs in a fresh process; its peak RSS is the sum over that process and every process
+under it (the local Ray it starts included), sampled every 50 ms. Images/s is the predict call
+alone; Ray's start-up (a local Ray, once per process) is its own column. The memory rows score
+10x the images: flat means the rows, not the images, are what the driver holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_ray_overhead import PeakRSS  # noqa: E402
+
+
+def make_images(folder: Path, count: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(folder / f"{i:07d}.png")
+
+
+def one(engine: str, actors: int, root: Path, folder: Path, out: Path) -> dict[str, float]:
+    """One predict in this process: {seconds, startup} (startup: init_ray, 0 for local)."""
+    from oodscale.config import load_config
+    from oodscale.predict import PredictRequest, predict
+    from oodscale.runtime import init_ray, layout_for
+
+    cfg = load_config(ROOT / "configs" / "digits.yaml",
+                      [f"storage.root={root}", f"evaluate.concurrency={actors}",
+                       "evaluate.batch_size=512"])
+    startup = 0.0
+    if engine == "ray":
+        started = time.perf_counter()
+        init_ray(cfg)
+        startup = time.perf_counter() - started
+    started = time.perf_counter()
+    predict(cfg, layout_for(cfg), PredictRequest("x-none-s0", None, str(out), [str(folder)],
+                                                 engine=engine))
+    return {"seconds": time.perf_counter() - started, "startup": startup}
+
+
+def run_case(engine: str, actors: int, count: int, work: Path) -> dict[str, float]:
+    """`one` in a fresh process, with the peak RSS of its process tree."""
+    folder = work / f"images-{count}"
+    if not folder.exists():
+        make_images(folder, count)
+    out = work / f"out-{engine}-{actors}-{count}" / "rows.parquet"
+    command = [sys.executable, __file__, "--one", engine, str(actors), str(work / "runs"),
+               str(folder), str(out)]
+    with PeakRSS() as peak:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "images": count, "images_per_s": count / result["seconds"],
+            "peak_mib": peak.peak / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--one", nargs=5, metavar=("ENGINE", "ACTORS", "ROOT", "FOLDER", "OUT"))
+    args = parser.parse_args()
+    if args.one:
+        engine, actors, root, folder, out = args.one
+        print(json.dumps(one(engine, int(actors), Path(root), Path(folder), Path(out))))
+        return
+    from tests.experiment import hand_calibrated
+
+    n = args.images
+    cases = [("local", 1, n), ("ray", 1, n), ("ray", 2, n), ("local", 1, 10 * n),
+             ("ray", 2, 10 * n)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        hand_calibrated(work / "runs")
+        for engine, actors, count in cases:
+            row = {"engine": engine, "actors": actors, **run_case(engine, actors, count, work)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = [f"## bench_predict: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             f"{platform.processor() or platform.machine()}, "
+             f"`python bench/bench_predict.py --images {n}`; 32x32 RGB PNGs, a digits "
+             f"smallcnn, evaluate.batch_size=512. Peak RSS: the process and every process "
+             f"under it (its local Ray included).", "",
+             "| path | actors | images | images/s | Ray start-up (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['engine']} | {r['actors'] if r['engine'] == 'ray' else '-'} | "
+              f"{r['images']:,} | {r['images_per_s']:,.0f} | "
+              f"{r['startup']:.1f} | {r['peak_mib']:,.0f} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
