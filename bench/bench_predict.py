@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_ray_overhead import PeakRSS  # noqa: E402
 
+MARK = "bench_predict result: "
+
 
 def make_images(folder: Path, count: int) -> None:
     from PIL import Image
@@ -75,7 +77,8 @@ def run_case(engine: str, actors: int, count: int, work: Path) -> dict[str, floa
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    marked = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+    result = json.loads(marked[-1][len(MARK):])  # Ray may print after it
     return {**result, "images": count, "images_per_s": count / result["seconds"],
             "peak_mib": peak.peak / 2**20}
 
@@ -88,7 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         engine, actors, root, folder, out = args.one
-        print(json.dumps(one(engine, int(actors), Path(root), Path(folder), Path(out))))
+        print(MARK + json.dumps(one(engine, int(actors), Path(root), Path(folder), Path(out))),
+              flush=True)
         return
     from tests.experiment import hand_calibrated
 
