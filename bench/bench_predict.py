@@ -1,6 +1,6 @@
 """`oodscale predict` side by side: the single-process path and Ray Data batch inference.
 
-    .venv/bin/python bench/bench_predict.py             # ~5 min on 2 cores; appends to
+    .venv/bin/python bench/bench_predict.py             # ~8 min on 2 cores; appends to
                                                         # docs/benchmarks.md
     .venv/bin/python bench/bench_predict.py --no-write  # print only
     .venv/bin/python bench/bench_predict.py --no-write --images 500  # a quick look
@@ -85,7 +85,7 @@ def run_case(engine: str, actors: int, count: int, work: Path) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--one", nargs=5, metavar=("ENGINE", "ACTORS", "ROOT", "FOLDER", "OUT"))
     args = parser.parse_args()

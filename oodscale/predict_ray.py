@@ -29,6 +29,7 @@ from oodscale.runtime import RunLayout, Storage
 
 PART_FILES = 4096  # files per output part: the unit a rerun skips
 DONE = "_SUCCESS.json"
+DECODERS_PER_ACTOR = 4  # decode tasks in flight per scoring actor
 
 
 def part_name(index: int) -> str:
@@ -133,9 +134,12 @@ def predict_with_ray(cfg: ExperimentConfig, layout: RunLayout, request: Any,
     stop = None
     if items:
         # Decoding runs in tasks of half an actor's CPUs: other resources than the actors', so
-        # Ray Data does not fuse it into them (a GPU actor would wait on PIL).
+        # Ray Data does not fuse it into them (a GPU actor would wait on PIL); at most
+        # DECODERS_PER_ACTOR at a time per actor, so the worker processes (and memory) stay
+        # as many however many files there are.
         decoded = ray.data.from_items(items).map_batches(
             decode_files, batch_size=ev.batch_size, num_cpus=ev.cpus_per_actor / 2,
+            concurrency=DECODERS_PER_ACTOR * ev.concurrency,
             fn_kwargs={"storages": roots, "size": size[0], "channels": size[1],
                        "limits": ImageLimits.from_config(cfg.data)})
         scored = decoded.map_batches(
