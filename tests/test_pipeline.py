@@ -150,6 +150,17 @@ def test_evaluate_wrote_scores_results_and_report(run_root):
     assert list((eval_dir / "plots").glob("*.png"))
 
 
+def test_claims_command_prints_the_decided_claims(run_root, capsys, tmp_path):
+    root, overrides = run_root
+    assert main(["claims", CONFIG, *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "label-mixup OE improves each loss" in out and "metric losses beat softmax" in out
+    assert any(v in out for v in ("holds", "fails", "undecided"))
+    # an experiment without evaluate's files says what to run
+    assert main(["claims", CONFIG, f"storage.root={tmp_path}"]) == 1
+    assert "run `oodscale evaluate`" in capsys.readouterr().err
+
+
 def test_ambiguity_filter_keeps_unsure_samples_with_their_score(run_root):
     root, _ = run_root
     storage = open_storage(str(root))
