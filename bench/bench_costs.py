@@ -69,7 +69,7 @@ from oodscale.diffusion.model import LabelConditionedUNet, UNetGenerator
 from oodscale.diffusion.sample import make_sampler, sample_images
 from oodscale.diffusion.train import make_scheduler
 from oodscale.distributed import make_accelerator
-from oodscale.outliers import generator_sources
+from oodscale.outlier_sources import generator_sources
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("digits", "cifar10", "imagenet")

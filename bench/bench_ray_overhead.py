@@ -71,7 +71,8 @@ from oodscale.distributed import (  # noqa: E402
     prepare,
     run_trainer,
 )
-from oodscale.outliers import OutlierStream, synthetic_dirname  # noqa: E402
+from oodscale.outlier_sources import synthetic_dirname  # noqa: E402
+from oodscale.outliers import OutlierStream  # noqa: E402
 from oodscale.progress import epoch_progress  # noqa: E402
 from oodscale.runtime import layout_for  # noqa: E402
 

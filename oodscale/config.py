@@ -26,31 +26,31 @@ from pydantic import (
 
 
 def _known_loss(name: str) -> str:
-    from oodscale.classify.losses import check_loss_options  # the loss table
+    from oodscale.classify.loss_table import check_loss_options  # the loss table
 
     check_loss_options(name)
     return name
 
 
-LossName = Annotated[str, AfterValidator(_known_loss)]  # checked against classify.losses.LOSSES
+LossName = Annotated[str, AfterValidator(_known_loss)]  # checked against classify.loss_table
 
 
 def _known_source(name: str) -> str:
-    from oodscale.outliers import check_source_name  # the outlier-source table
+    from oodscale.outlier_sources import check_source_name  # the outlier-source table
 
     return check_source_name(name)
 
 
-OutlierName = Annotated[str, AfterValidator(_known_source)]  # checked against oodscale.outliers
+OutlierName = Annotated[str, AfterValidator(_known_source)]  # oodscale.outlier_sources
 
 
 def _known_score(name: str) -> str:
-    from oodscale.evaluate.detectors import check_score_name  # the score table (+ pood: names)
+    from oodscale.evaluate.score_table import check_score_name  # built-in and pood: names
 
     return check_score_name(name)
 
 
-ScoreName = Annotated[str, AfterValidator(_known_score)]  # evaluate.detectors.SCORES, pood:<Name>
+ScoreName = Annotated[str, AfterValidator(_known_score)]  # evaluate.score_table
 BuiltinOOD = Literal[
     "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset", "digits"
 ]
@@ -347,7 +347,7 @@ class TrainConfig(WorkerConfig):
     @field_validator("head_options")
     @classmethod
     def _known_head_options(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        from oodscale.classify.losses import check_loss_options
+        from oodscale.classify.loss_table import check_loss_options
 
         for name, options in v.items():
             check_loss_options(name, options)

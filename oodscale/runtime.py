@@ -124,7 +124,7 @@ class RunLayout:
 
     def synthetic_variant(self, dirname: str) -> str:
         """A generator source's shards: `synthetic-w3`, `synthetic-w1-filtered` (names from
-        oodscale.outliers, by the source's own guidance)."""
+        oodscale.outlier_sources, by the source's own guidance)."""
         return self._p(dirname)
 
     def classifier_dir(self, run: str) -> str:

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from oodscale.classify.losses import LOSS_NAMES, kl_to_uniform
+from oodscale.classify.loss_table import LOSS_NAMES
+from oodscale.classify.losses import kl_to_uniform
 from oodscale.classify.models import (
     BACKBONE_NAMES,
     OODClassifier,

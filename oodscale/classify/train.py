@@ -37,7 +37,8 @@ from oodscale.distributed import (
     resumed_state,
     run_trainer,
 )
-from oodscale.outliers import OutlierSource, OutlierStream, generator_sources, parse_source
+from oodscale.outlier_sources import OutlierSource, generator_sources, parse_source
+from oodscale.outliers import OutlierStream
 from oodscale.progress import epoch_progress
 from oodscale.runtime import (
     RunLayout,

@@ -130,7 +130,7 @@ def _bold(table: pd.DataFrame, best: pd.DataFrame | None) -> pd.DataFrame:
 
 def head_scores(loss: str) -> tuple[str, ...]:
     """The scores that read a loss's own head output (the loss table's row)."""
-    from oodscale.classify.losses import LOSSES
+    from oodscale.classify.loss_table import LOSSES
 
     return LOSSES[loss].head_scores if loss in LOSSES else ()
 
@@ -345,7 +345,7 @@ def _forest_plot(comparisons: pd.DataFrame, protocol: str, path: str) -> bool:
 
 def conventions(results: pd.DataFrame, scores: pd.DataFrame) -> list[str]:
     """The report's convention notes, one Markdown sentence group each."""
-    from oodscale.evaluate.detectors import SCORES
+    from oodscale.evaluate.score_table import SCORES
 
     sets = {g: sorted(results.loc[results["group"] == g, "ood_set"].unique()) for g in GROUPS}
     listing = "; ".join(f"{g}: {', '.join(s) if s else '(none)'}" for g, s in sets.items())
