@@ -51,6 +51,15 @@ def _known_score(name: str) -> str:
 
 
 ScoreName = Annotated[str, AfterValidator(_known_score)]  # evaluate.score_table
+
+
+def _known_backbone(name: str) -> str:
+    from oodscale.classify.backbone_table import check_backbone
+
+    return check_backbone(name)
+
+
+BackboneName = Annotated[str, AfterValidator(_known_backbone)]  # classify.backbone_table
 BuiltinOOD = Literal[
     "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset", "digits"
 ]
@@ -301,7 +310,7 @@ class TrainConfig(WorkerConfig):
     extra_cells: list[CellGroup] = Field(
         default_factory=list, description="Cells beyond losses x outliers, each group its own "
                                           "losses x outliers, all at train.seeds.")
-    backbone: Literal["smallcnn", "resnet18", "resnet50", "wrn40_2"] = "smallcnn"
+    backbone: BackboneName = "smallcnn"
     embedding_dim: int = Field(64, ge=2)
     head_options: dict[str, dict[str, float]] = Field(
         default_factory=lambda: {"arcface": {"margin": 28.6, "scale": 16.0},
@@ -321,9 +330,12 @@ class TrainConfig(WorkerConfig):
 
     @model_validator(mode="after")
     def _init_fits(self) -> TrainConfig:
-        if self.init_checkpoint and self.backbone not in ("resnet18", "resnet50"):
+        from oodscale.classify.backbone_table import BACKBONES
+
+        if self.init_checkpoint and not BACKBONES[self.backbone].torchvision_init:
+            able = ", ".join(n for n, spec in BACKBONES.items() if spec.torchvision_init)
             raise ValueError(f"train.init_checkpoint loads torchvision ResNets; "
-                             f"train.backbone={self.backbone} is not one (resnet18, resnet50)")
+                             f"train.backbone={self.backbone} is not one ({able})")
         return self
 
     @field_validator("losses", "outliers", "seeds")
