@@ -119,7 +119,7 @@ def _take_over(storage: Storage, path: str, seen: Holder) -> None:
         return
     aside = f"{path}.stale-{os.getpid()}"
     try:
-        storage.fs.move(path, aside)  # atomic: of two takers, one moves it
+        storage.fs.move(path, aside)  # moves a file: of two takers, one moves it
     except (FileNotFoundError, OSError):
         return
     storage.fs.delete_file(aside)

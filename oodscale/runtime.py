@@ -59,7 +59,7 @@ class Storage:
             self.fs.create_dir(parent, recursive=True)
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
-            self.fs.move(tmp, path)
+            self.fs.move(tmp, path)  # moves a file
         except OSError as err:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(tmp)
