@@ -51,6 +51,8 @@ from typing import Any
 
 import pytest
 
+from oodscale.cli import PIPELINE
+
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -68,15 +70,10 @@ PROFILES = {
     "gpu": MANIFESTS / "overlays" / "gpu",
     "cpu-small": MANIFESTS / "overlays" / "cpu-small",
 }
-# RayJob stage (the suffix of its name, oodscale-<stage>) -> entry point script under jobs/.
-STAGES = {
-    "prepare": "prepare.py",
-    "train-diffusion": "train_diffusion.py",
-    "generate": "generate.py",
-    "train": "train.py",
-    "evaluate": "evaluate.py",
-}
-GPU_STAGES = ("train-diffusion", "generate", "train", "evaluate")
+# RayJob stage (the suffix of its name, oodscale-<stage>) -> entry point script under jobs/:
+# one per stage of the CLI's pipeline, so a stage added there without a RayJob fails the tests.
+STAGES = {name: f"{name.replace('-', '_')}.py" for name, _ in PIPELINE}
+GPU_STAGES = ("train-diffusion", "generate", "train", "calibrate", "evaluate")
 CONFIGS = {"digits", "cifar10", "imagenet"}
 RAY_KINDS = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 GPU = "nvidia.com/gpu"
