@@ -87,6 +87,9 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(
         None, ge=1, description="Logical CPUs of a local Ray (default: max(4, 2 x cores)).")
     object_store_mb: int = Field(512, ge=64)
+    host: str = Field("127.0.0.1", min_length=1, description=(
+        "The address a local Ray listens on: loopback (default), or this machine's address "
+        "so that other machines can join it (refused while RAY_AUTH_MODE=disabled)."))
 
 
 class OODSetSource(_Section):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import os
 import random
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,15 +191,58 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
         cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
         global _LOCAL_RAY_STARTED
         _LOCAL_RAY_STARTED = True
-        ray.init(
-            address="local",  # a new Ray even where `ray start` left one running
-            num_cpus=cpus,
-            object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-            include_dashboard=False,
-            runtime_env=env,
-            **raylog.init_options(verbose),
-        )
+        with listening_on(cfg.ray.host) as node_ip:
+            ray.init(
+                address="local",  # a new Ray even where `ray start` left one running
+                num_cpus=cpus,
+                object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+                include_dashboard=False,
+                runtime_env=env,
+                _node_ip_address=node_ip,
+                **raylog.init_options(verbose),
+            )
     raylog.after_init(verbose, target)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def listening_on(host: str) -> Iterator[str | None]:
+    """Where the local Ray this job starts listens: on loopback alone unless `ray.host` names
+    another address; yields the `_node_ip_address` for `ray.init`.
+
+    Ray listens on loopback alone when its node's address is loopback (its GCS, raylet, agents
+    and workers then bind 127.0.0.1), but it turns a loopback `_node_ip_address` into the
+    machine's address unless its single-machine switch (`ENABLE_RAY_CLUSTER`, the
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` variable, read when ray is imported) is off. So that
+    switch is off while `ray.init` starts the node, and only then: nothing is put in the
+    environment of other processes. Ray's processes get the node address as arguments;
+    tests/test_runtime_loopback.py checks what they listen on, so a Ray that moves the switch
+    fails there. A non-loopback address with token auth off (RAY_AUTH_MODE=disabled) would let
+    anyone on the network run code here, so it is refused."""
+    from ray._private import ray_constants
+
+    if not is_loopback(host):
+        if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+            raise ValueError(
+                f"ray.host={host} would let other machines reach this job's Ray, and "
+                f"RAY_AUTH_MODE=disabled turns its token authentication off: unset "
+                f"RAY_AUTH_MODE (token auth is Ray's default) or keep ray.host=127.0.0.1")
+        yield host
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield "127.0.0.1"
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def probe_ray_address(target: str, timeout_s: float = 5.0) -> None:
