@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from oodscale.config import ExperimentConfig
+from oodscale.uris import refuse_credentials
 
 
 class StorageError(RuntimeError):
@@ -185,6 +186,11 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
     os.environ.update(quiet)  # the driver's own progress bars are ours (tqdm), not Ray Data's
     env = {"env_vars": {**quiet, **raylog.WORKER_ENV}}
     if target:
+        try:
+            refuse_credentials(target, address=True)
+        except ValueError as err:
+            raise ValueError(f"the Ray address (--address, ray.address or RAY_ADDRESS) "
+                             f"{err}") from None
         probe_ray_address(target)
         ray.init(address=target, runtime_env=env, **raylog.init_options(verbose))
     else:
