@@ -23,6 +23,11 @@ import pyarrow.fs as pafs
 from oodscale.config import ExperimentConfig
 from oodscale.uris import refuse_credentials
 
+# Checks run before every `Storage.write_bytes_atomic` in this process (the manifests and cards
+# that make a stage's output exist): oodscale.locking adds one that raises once this process
+# has lost its experiment lock.
+WRITE_GUARDS: list = []
+
 
 class StorageError(RuntimeError):
     """A write to the storage root failed (read-only, full, no permission): names the file."""
@@ -40,11 +45,17 @@ class Storage:
         return "/".join([self.base.rstrip("/"), *parts])
 
     def uri_of(self, path: str) -> str:
-        """A URI for `path` that Ray Data and other processes can open on their own."""
+        """`path` as a URI for messages (without the root's query options)."""
         if isinstance(self.fs, pafs.LocalFileSystem):
             return path
         scheme = self.uri.split("://", 1)[0]
         return f"{scheme}://{path}"
+
+    def open_uri(self, path: str) -> str:
+        """A URI for `path` that other processes (`open_storage`) open as this root does: with
+        the root's query options (an S3 endpoint_override, a region) kept."""
+        query = self.uri.partition("?")[2] if "://" in self.uri else ""
+        return self.uri_of(path) + (f"?{query}" if query else "")
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -56,6 +67,8 @@ class Storage:
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write via a temp name then rename, so readers never see a half-written file; a
         failed write removes its temp file and leaves any earlier `path` as it was."""
+        for guard in WRITE_GUARDS:
+            guard()
         parent = path.rsplit("/", 1)[0]
         tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
         try:

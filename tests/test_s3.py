@@ -3,10 +3,13 @@ on loopback): publishing without directory moves, a publish killed midway, the l
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from oodscale.classify.checkpoints import CARD, WEIGHTS, trained_runs
 from oodscale.distributed import publish_dir
@@ -86,3 +89,75 @@ def test_s3_publish_killed_midway_leaves_no_finished_model(s3_server, tmp_path):
     publish_dir(storage, str(tmp_path / "v2"), destination, last=(CARD,))  # the rerun
     assert _files(storage, destination)[CARD] == b'{"version": "two"}'
     assert trained_runs(storage, storage.path("digits", "classifiers")) == ["run"]
+
+
+def _lock_layout(root: str):
+    from oodscale.runtime import RunLayout
+
+    return RunLayout(open_storage(root), "digits")
+
+
+def test_s3_lock_creation_is_exclusive(s3_server):
+    """Eight creators at once on the S3 server: one conditional PUT (If-None-Match) wins."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from oodscale.locking import LOCK, S3Lock, lock_at, me
+
+    layout = _lock_layout(s3_server("lock"))
+    lock = lock_at(layout.storage, layout.storage.path("digits", LOCK))
+    assert isinstance(lock, S3Lock)
+    holders = [replace(me("train"), pid=n) for n in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda h: S3Lock(lock.storage, lock.path).create(h), holders))
+    assert won.count(True) == 1
+    assert lock.read()[0] == holders[won.index(True)]
+
+
+def _plant_s3(layout, **changes):
+    from dataclasses import asdict, replace
+
+    from oodscale.locking import LOCK, me
+
+    path = layout.storage.path("digits", LOCK)
+    with layout.storage.fs.open_output_stream(path) as f:
+        f.write(json.dumps(asdict(replace(me("train"), **changes))).encode())
+
+
+def test_s3_lock_retried_rayjob_takes_over_its_crashed_attempt(s3_server, monkeypatch, capsys):
+    """A head pod died holding the lock (another host, heartbeat still fresh): the retry of the
+    same RayJob (same OODSCALE_LOCK_OWNER) takes it at once; another RayJob is refused."""
+    from oodscale.locking import OWNER_ENV, LockedError, experiment_lock
+
+    layout = _lock_layout(s3_server("retry"))
+    _plant_s3(layout, host="oodscale-train-abcde-head", pid=1, owner="rayjob/ns/oodscale-train")
+    monkeypatch.setenv(OWNER_ENV, "rayjob/ns/oodscale-calibrate")
+    with pytest.raises(LockedError, match="oodscale-train-abcde-head"):
+        with experiment_lock(layout, "calibrate"):
+            pass
+    monkeypatch.setenv(OWNER_ENV, "rayjob/ns/oodscale-train")
+    with experiment_lock(layout, "train") as held:
+        assert held.owner == "rayjob/ns/oodscale-train"
+    assert "an earlier attempt of rayjob/ns/oodscale-train" in capsys.readouterr().out
+    assert not layout.storage.exists(layout.storage.path("digits", ".oodscale.lock"))  # released
+
+
+def test_s3_lock_lost_stops_the_writer(s3_server, monkeypatch):
+    """Someone replaces our lock: the next heartbeat's conditional PUT fails, the holder stops
+    (its main thread is interrupted, its next manifest/card write refused) and leaves the new
+    holder's lock alone."""
+    import time
+
+    from oodscale import locking
+    from oodscale.locking import LockedError, experiment_lock
+
+    monkeypatch.setattr(locking, "HEARTBEAT_S", 0.2)
+    layout = _lock_layout(s3_server("lost"))
+    storage = layout.storage
+    with pytest.raises(LockedError, match="was taken by .*pid 4242"):
+        with experiment_lock(layout, "train"):
+            _plant_s3(layout, host="elsewhere", pid=4242)  # an operator deleted ours, or so
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert json.loads(storage.read_bytes(storage.path("digits", locking.LOCK)))["pid"] == 4242
