@@ -629,6 +629,13 @@ def contract_problems(objects: list[dict]) -> list[str]:
                     POD_LABEL[1]:
                 problems.append(f"{where}: pod template lacks the label {'='.join(POD_LABEL)} "
                                 f"(the NetworkPolicy admits the cluster's own pods by it)")
+            if obj["kind"] == "RayJob" and role == "head":
+                env = {e["name"]: e.get("value") for c in containers(template)
+                       for e in c.get("env") or []}
+                owner = f"rayjob/$(POD_NAMESPACE)/{obj['metadata']['name']}"
+                if env.get("OODSCALE_LOCK_OWNER") != owner:
+                    problems.append(f"{where}: OODSCALE_LOCK_OWNER must name the RayJob, so a "
+                                    f"retry takes over its crashed attempt's lock")
             if obj["kind"] == "RayJob" and (spec.get("serviceAccountName") != JOB_ACCOUNT
                                             or spec.get("automountServiceAccountToken")):
                 problems.append(f"{where}: RayJob pods run under {JOB_ACCOUNT} without a token")
