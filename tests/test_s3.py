@@ -161,3 +161,88 @@ def test_s3_lock_lost_stops_the_writer(s3_server, monkeypatch):
             while time.monotonic() < deadline:
                 time.sleep(0.05)
     assert json.loads(storage.read_bytes(storage.path("digits", locking.LOCK)))["pid"] == 4242
+
+
+def _checkpointed_s3(storage) -> bool:
+    """Whether the classifier worker group registered a checkpoint on the S3 root (as
+    tests/faults.checkpointed does on local disk)."""
+    import pyarrow.fs as pafs
+
+    directory = storage.path("digits", "ray_train")
+    if not storage.exists(directory):
+        return False
+    for info in storage.fs.get_file_info(pafs.FileSelector(directory)):
+        snapshot = f"{info.path}/checkpoint_manager_snapshot.json"
+        if "classifiers" in info.base_name and storage.exists(snapshot):
+            try:
+                if json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result"):
+                    return True
+            except (ValueError, OSError):  # mid-write
+                continue
+    return False
+
+
+@pytest.mark.integration
+def test_s3_run_killed_mid_train_rerun_equals_local_disk(tiny_reference, s3_server, tmp_path,
+                                                         capsys):
+    """The whole `oodscale run` on an s3:// root, killed (driver and its Ray) mid-train and
+    run again: every stage equals the local-disk reference bit for bit; status, verify,
+    predict and Detector.load work there and agree with a local-disk copy."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+    from safetensors.torch import load as load_safetensors
+
+    from oodscale.cli import main
+    from oodscale.data.shards import load_arrays
+    from oodscale.detector import Detector
+    from tests.faults import CONFIG, RUN, TINY, args, copy, weights
+    from tests.procs import kill_tree, start_cli, wait_for
+
+    root = s3_server("run")
+    storage = open_storage(root)
+    argv = [CONFIG, f"storage.root={root}", *TINY]
+    cli = start_cli(["run", *argv, "ray.num_cpus=4"], tmp_path / "killed.log")
+    wait_for(lambda: _checkpointed_s3(storage), "the killed run's first checkpoint on S3", 900)
+    kill_tree(cli)
+    classifier = storage.path("digits", "classifiers", RUN)
+    assert not storage.exists(f"{classifier}/{CARD}")  # killed mid-train
+    assert main(["run", *argv]) == 0
+    assert "taking over the stale lock" in capsys.readouterr().out  # the killed driver's lock
+    card = json.loads(storage.read_bytes(f"{classifier}/{CARD}"))
+    assert card["train"]["first_epoch"] >= 1 and card["epoch"] == 2  # resumed
+    mine, reference = load_safetensors(storage.read_bytes(f"{classifier}/{WEIGHTS}")), \
+        weights(tiny_reference)
+    assert mine.keys() == reference.keys()
+    assert all(bool((mine[k] == reference[k]).all()) for k in mine)
+    results = pd.read_parquet(io.BytesIO(storage.read_bytes(
+        storage.path("digits", "eval", "results.parquet"))))
+    pd.testing.assert_frame_equal(
+        results, pd.read_parquet(tiny_reference / "digits" / "eval" / "results.parquet"))
+    assert main(["status", *argv]) == 0
+    assert main(["verify", *argv]) == 0
+
+    local = copy(tiny_reference, tmp_path / "local", ["data", "classifiers"])
+    assert main(["calibrate", *args(local)]) == 0
+    local_dir = local / "digits" / "classifiers" / RUN
+    assert json.loads(storage.read_bytes(f"{classifier}/calibration.json"))["scores"] == \
+        json.loads((local_dir / "calibration.json").read_text())["scores"]
+    images = load_arrays(storage, storage.path("digits", "data", "id", "test"))[0][:40]
+    on_s3 = Detector.load(storage.open_uri(classifier), score="energy").predict(images)
+    on_disk = Detector.load(local_dir, score="energy").predict(images)
+    np.testing.assert_array_equal(on_s3.score, on_disk.score)
+    np.testing.assert_array_equal(on_s3.is_ood, on_disk.is_ood)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images[:5]):
+        Image.fromarray(image[:, :, 0]).resize((32, 32)).save(folder / f"digit{i}.png")
+    rows = {}
+    for name, overrides in (("s3", argv), ("disk", args(local))):
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", *overrides, "--run", RUN, "--score", "energy", str(folder),
+                     "--out", str(out)]) == 0
+        rows[name] = pd.read_csv(out)
+    assert len(rows["s3"]) == 5
+    pd.testing.assert_frame_equal(rows["s3"], rows["disk"])
