@@ -192,18 +192,21 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
     # an error in a Ray Data task reaches the driver as itself (e.g. StorageError), not as
     # UserCodeException, so the CLI can name it (oodscale.errors)
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    if ray.is_initialized():
-        return
     target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    quiet = {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    os.environ.update(quiet)  # the driver's own progress bars are ours (tqdm), not Ray Data's
-    env = {"env_vars": {**quiet, **raylog.WORKER_ENV}}
-    if target:
+    if target:  # refused even where a Ray is already up: the request itself is wrong
         try:
             refuse_credentials(target, address=True)
         except ValueError as err:
             raise ValueError(f"the Ray address (--address, ray.address or RAY_ADDRESS) "
                              f"{err}") from None
+    else:
+        refuse_open_host(cfg.ray.host)
+    if ray.is_initialized():
+        return
+    quiet = {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    os.environ.update(quiet)  # the driver's own progress bars are ours (tqdm), not Ray Data's
+    env = {"env_vars": {**quiet, **raylog.WORKER_ENV}}
+    if target:
         probe_ray_address(target)
         ray.init(address=target, runtime_env=env, **raylog.init_options(verbose))
     else:
@@ -232,6 +235,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def refuse_open_host(host: str) -> None:
+    """A local Ray on a non-loopback address with token auth off would let anyone who reaches
+    that address run code here: ValueError."""
+    if not is_loopback(host) and os.environ.get("RAY_AUTH_MODE", "").strip().lower() == \
+            "disabled":
+        raise ValueError(
+            f"ray.host={host} would let other machines reach this job's Ray, and "
+            f"RAY_AUTH_MODE=disabled turns its token authentication off: unset RAY_AUTH_MODE "
+            f"(token auth is Ray's default) or keep ray.host=127.0.0.1")
+
+
 @contextlib.contextmanager
 def listening_on(host: str) -> Iterator[str | None]:
     """Where the local Ray this job starts listens: on loopback alone unless `ray.host` names
@@ -244,16 +258,11 @@ def listening_on(host: str) -> Iterator[str | None]:
     switch is off while `ray.init` starts the node, and only then: nothing is put in the
     environment of other processes. Ray's processes get the node address as arguments;
     tests/test_runtime_loopback.py checks what they listen on, so a Ray that moves the switch
-    fails there. A non-loopback address with token auth off (RAY_AUTH_MODE=disabled) would let
-    anyone on the network run code here, so it is refused."""
+    fails there. A non-loopback address with token auth off is refused (`refuse_open_host`)."""
     from ray._private import ray_constants
 
     if not is_loopback(host):
-        if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
-            raise ValueError(
-                f"ray.host={host} would let other machines reach this job's Ray, and "
-                f"RAY_AUTH_MODE=disabled turns its token authentication off: unset "
-                f"RAY_AUTH_MODE (token auth is Ray's default) or keep ray.host=127.0.0.1")
+        refuse_open_host(host)
         yield host
         return
     before = ray_constants.ENABLE_RAY_CLUSTER
