@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from oodscale.config import WorkerConfig
 from oodscale.data.streams import CachedShards
 from oodscale.progress import publish
-from oodscale.runtime import RunLayout, Storage, resolve_use_gpu
+from oodscale.runtime import RunLayout, Storage, check_write_guards, resolve_use_gpu
 
 STATE_FILE = "state.json"
 # How often Ray Train's controller polls its workers (Ray's default: 2 s). Every step of a worker
@@ -168,6 +168,7 @@ def publish_dir(storage: Storage, source: str, destination: str,
     either no model or a complete one, never a half-published one; a publish killed midway
     leaves a directory without its card, which readers treat as absent and a rerun replaces.
     """
+    check_write_guards()  # a driver that lost its experiment lock publishes nothing
     source_fs = source_fs or pafs.LocalFileSystem()
     base = source.rstrip("/")
     try:

@@ -24,8 +24,10 @@ How atomic that is depends on the storage root:
 
 A holder whose heartbeat finds the lock gone or held by another stops: the heartbeat thread
 marks the lock lost, so the driver's next manifest or card write (`Storage.write_bytes_atomic`)
-raises `LockedError`, and interrupts the driver's main thread, whose exit ends the job's Ray
-tasks. Between the loss and the next heartbeat (`HEARTBEAT_S`) writes already under way finish.
+or model publish (`distributed.publish_dir`) raises `LockedError`, and interrupts the driver's
+main thread, whose exit ends the job's Ray tasks. Not guaranteed: writes already under way, and
+writes inside Ray workers (shards, a classifier that rank 0 publishes) between the loss and the
+driver's exit, finish; the loss is seen at the next heartbeat (`HEARTBEAT_S`).
 """
 
 from __future__ import annotations
@@ -348,3 +350,5 @@ def experiment_lock(layout: RunLayout, command: str) -> Iterator[Holder]:
             runtime.WRITE_GUARDS.remove(guard)
         if not lost and tag is not None:
             lock.release(tag, holder)
+    if lost:  # finished after losing the lock: not a success
+        raise LockedError(f"{lost[0]} while this run held it; check what it wrote")

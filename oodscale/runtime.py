@@ -23,10 +23,15 @@ import pyarrow.fs as pafs
 from oodscale.config import ExperimentConfig
 from oodscale.uris import refuse_credentials
 
-# Checks run before every `Storage.write_bytes_atomic` in this process (the manifests and cards
-# that make a stage's output exist): oodscale.locking adds one that raises once this process
-# has lost its experiment lock.
+# Checks run before every `Storage.write_bytes_atomic` and model publish in this process (the
+# manifests and cards that make a stage's output exist): oodscale.locking adds one that raises
+# once this process has lost its experiment lock.
 WRITE_GUARDS: list = []
+
+
+def check_write_guards() -> None:
+    for guard in WRITE_GUARDS:
+        guard()
 
 
 class StorageError(RuntimeError):
@@ -67,8 +72,7 @@ class Storage:
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write via a temp name then rename, so readers never see a half-written file; a
         failed write removes its temp file and leaves any earlier `path` as it was."""
-        for guard in WRITE_GUARDS:
-            guard()
+        check_write_guards()
         parent = path.rsplit("/", 1)[0]
         tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
         try:

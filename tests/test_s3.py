@@ -163,6 +163,32 @@ def test_s3_lock_lost_stops_the_writer(s3_server, monkeypatch):
     assert json.loads(storage.read_bytes(storage.path("digits", locking.LOCK)))["pid"] == 4242
 
 
+def test_s3_lock_lost_refuses_the_next_write(s3_server, monkeypatch, tmp_path):
+    """Between the lost heartbeat and the driver's exit, its next manifest, card or publish is
+    refused (the main thread's interrupt is held off here to see that)."""
+    import time
+
+    from oodscale import locking
+    from oodscale.locking import LockedError, experiment_lock
+
+    monkeypatch.setattr(locking, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(locking._thread, "interrupt_main", lambda: None)
+    layout = _lock_layout(s3_server("refused"))
+    storage = layout.storage
+    with pytest.raises(LockedError, match="while this run held it"):  # not a success either
+        with experiment_lock(layout, "train"):
+            _plant_s3(layout, host="elsewhere", pid=4242)
+            time.sleep(1.0)  # a few heartbeats
+            with pytest.raises(LockedError, match="was taken"):
+                storage.write_bytes_atomic(storage.path("digits", "x", "manifest.json"), b"{}")
+            with pytest.raises(LockedError, match="was taken"):
+                publish_dir(storage, str(_model_dir(tmp_path / "m", "one")),
+                            storage.path("digits", "classifiers", "run"), last=(CARD,))
+    assert not storage.exists(storage.path("digits", "x"))
+    assert not storage.exists(storage.path("digits", "classifiers"))
+    storage.write_bytes_atomic(storage.path("digits", "y.json"), b"{}")  # guard gone with it
+
+
 def _checkpointed_s3(storage) -> bool:
     """Whether the classifier worker group registered a checkpoint on the S3 root (as
     tests/faults.checkpointed does on local disk)."""
