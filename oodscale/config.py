@@ -79,6 +79,22 @@ MixedPrecision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml_
 SamplingPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_yaml_no)]
 
 
+def _no_credentials(location: str | None) -> str | None:
+    from oodscale.uris import refuse_credentials
+
+    return refuse_credentials(location)
+
+
+def _no_credentials_in_address(address: str | None) -> str | None:
+    from oodscale.uris import refuse_credentials
+
+    return refuse_credentials(address, address=True)
+
+
+# A path or URI that must not carry credentials (user info, secret query keys): oodscale.uris
+Location = Annotated[str, AfterValidator(_no_credentials)]
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what to do."""
 
@@ -88,28 +104,32 @@ class _Section(BaseModel):
 
 
 class StorageConfig(_Section):
-    root: str = Field("runs", description="Local path, file://, s3:// or gs:// URI.")
+    root: Location = Field("runs", description="Local path, file://, s3:// or gs:// URI.")
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description="Cluster address; None = RAY_ADDRESS or local.")
+    address: Annotated[str | None, AfterValidator(_no_credentials_in_address)] = Field(
+        None, description="Cluster address; None = RAY_ADDRESS or local.")
     num_cpus: int | None = Field(
         None, ge=1, description="Logical CPUs of a local Ray (default: max(4, 2 x cores)).")
     object_store_mb: int = Field(512, ge=64)
+    host: str = Field("127.0.0.1", min_length=1, description=(
+        "The address a local Ray listens on: loopback (default), or this machine's address "
+        "so that other machines can join it (refused while RAY_AUTH_MODE=disabled)."))
 
 
 class OODSetSource(_Section):
     """A bring-your-own OOD test set: an ImageFolder tree or WebDataset shards."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    path: str
+    path: Location
     format: Literal["imagefolder", "webdataset"] = "imagefolder"
     group: Literal["near", "far"] = "far"
 
 
 class DataConfig(_Section):
     source: Literal["digits", "fashion_mnist", "imagefolder", "cifar10"] = "digits"
-    path: str | None = Field(
+    path: Location | None = Field(
         None, description="Dataset root for imagefolder / cifar10 / fashion_mnist (default for "
                           "fashion_mnist: Debian's /usr/share/datasets/fashion-mnist).")
     image_size: int = Field(16, ge=8, le=512)
@@ -390,7 +410,7 @@ class DetectorConfig(_Section):
 class TrackingConfig(_Section):
     """Optional MLflow tracking (oodscale.tracking); needs `pip install 'oodscale[mlflow]'`."""
 
-    mlflow_uri: str | None = Field(
+    mlflow_uri: Location | None = Field(
         None, description="MLflow tracking URI (file:/path works offline, or http://host:5000); "
                           "None = no tracking.")
     experiment: str | None = Field(None, description="MLflow experiment; None = config name.")

@@ -48,9 +48,9 @@ def iter_image_paths(paths: list[str]) -> Iterator[str]:
             if not found:
                 raise ValueError(f"folder {path} holds no images with suffixes "
                                  f"{sorted(IMAGE_SUFFIXES)}")
-            yield from (storage.uri_of(p) for p in found)
+            yield from (storage.open_uri(p) for p in found)
         else:
-            yield storage.uri_of(storage.base)
+            yield storage.open_uri(storage.base)
 
 
 def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -86,7 +86,7 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
     if not request.paths:
         raise ValueError("give at least one image file or folder to score")
     directory = resolve_run(cfg, layout, request.run)
-    detector = Detector.load(layout.storage.uri_of(directory), request.score,
+    detector = Detector.load(layout.storage.open_uri(directory), request.score,
                              batch_size=cfg.evaluate.batch_size)
     out = Path(request.out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")

@@ -188,7 +188,7 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
         final = {**card, "epoch": t.epochs - 1, "step": t.epochs * steps, "train": summary}
         with tempfile.TemporaryDirectory() as tmp:
             save_classifier(accelerator.unwrap_model(model), final, Path(tmp))
-            publish_dir(layout.storage, tmp, layout.classifier_dir(card["run"]))
+            publish_dir(layout.storage, tmp, layout.classifier_dir(card["run"]), last=(CARD,))
         print(f"[oodscale] trained {card['run']}", flush=True)
 
 
