@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_costs.py            # full run, 1 thread (~90 s)
     .venv/bin/python bench/bench_costs.py --quick    # smaller batches, one round (~50 s)
     .venv/bin/python bench/bench_costs.py --threads 0  # all cores (2 here)
-    .venv/bin/python bench/bench_costs.py --no-write # print only, leave docs/benchmarks.md alone
+    .venv/bin/python bench/bench_costs.py --no-write # print only, write no record
 
 What it measures, with the model shapes read from configs/{digits,cifar10,imagenet}.yaml:
 
@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from records import write_record  # bench/records.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from oodscale.classify.losses import build_head, kl_to_uniform
@@ -69,7 +70,7 @@ from oodscale.diffusion.model import LabelConditionedUNet, UNetGenerator
 from oodscale.diffusion.sample import make_sampler, sample_images
 from oodscale.diffusion.train import make_scheduler
 from oodscale.distributed import make_accelerator
-from oodscale.outliers import generator_sources
+from oodscale.outlier_sources import generator_sources
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("digits", "cifar10", "imagenet")
@@ -567,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                              "< 2 gets (OMP_NUM_THREADS=1), and stalls far less than 2 threads "
                              "when another job shares the cores")
     parser.add_argument("--no-totals", action="store_true", help="skip the stage-total table")
-    parser.add_argument("--no-write", action="store_true", help="do not append to --out")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--no-write", action="store_true",
+                        help="print only; no record under bench/results/")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 0.5)
@@ -667,12 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        prefix = "" if out.exists() else "# Benchmarks\n\n"
-        with out.open("a") as handle:
-            handle.write(prefix + "\n" + text + "\n")
-        print(f"appended to {out}", file=sys.stderr)
+        print(f"recorded in {write_record('bench_costs', command, text)}", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
 """`oodscale predict` side by side: the single-process path and Ray Data batch inference.
 
-    .venv/bin/python bench/bench_predict.py             # ~8 min on 2 cores; appends to
-                                                        # docs/benchmarks.md
+    .venv/bin/python bench/bench_predict.py             # ~8 min on 2 cores; writes a record
+                                                        # bench/results/bench_predict_*.md
     .venv/bin/python bench/bench_predict.py --no-write  # print only
     .venv/bin/python bench/bench_predict.py --no-write --images 500  # a quick look
 
@@ -16,9 +16,9 @@ alone; Ray's start-up (a local Ray, once per process) is its own column. The mem
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -107,8 +107,7 @@ def main() -> None:
             row = {"engine": engine, "actors": actors, **run_case(engine, actors, count, work)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lines = [f"## bench_predict: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
-             f"{platform.processor() or platform.machine()}, "
+    lines = [f"{platform.processor() or platform.machine()}, "
              f"`python bench/bench_predict.py --images {n}`; 32x32 RGB PNGs, a digits "
              f"smallcnn, evaluate.batch_size=512. Peak RSS: the process and every process "
              f"under it (its local Ray included).", "",
@@ -120,8 +119,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
-            f.write("\n" + text)
+        from records import write_record  # bench/records.py, beside this script
+
+        print(f"recorded in {write_record('bench_predict', shlex.join(sys.argv), text)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What Ray costs at equal work, side by side in one run, on this machine.
 
-    .venv/bin/python bench/bench_ray_overhead.py             # ~15 min on 2 cores; appends to
-                                                             # docs/benchmarks.md
+    .venv/bin/python bench/bench_ray_overhead.py             # ~15 min on 2 cores; a record
+                                                             # under bench/results/
     .venv/bin/python bench/bench_ray_overhead.py --no-write  # print only
     .venv/bin/python bench/bench_ray_overhead.py --no-write --cases training  # (b) alone, ~2 min
     .venv/bin/python bench/bench_ray_overhead.py --no-write --cases startup   # (d) alone, ~1 min
@@ -47,6 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from records import write_record  # noqa: E402  (bench/records.py, beside this script)
+
 from oodscale.classify.step import train_epoch  # noqa: E402
 from oodscale.classify.train import RunSpec, _card, train_group  # noqa: E402
 from oodscale.config import ExperimentConfig, load_config  # noqa: E402
@@ -71,7 +73,8 @@ from oodscale.distributed import (  # noqa: E402
     prepare,
     run_trainer,
 )
-from oodscale.outliers import OutlierStream, synthetic_dirname  # noqa: E402
+from oodscale.outlier_sources import synthetic_dirname  # noqa: E402
+from oodscale.outliers import OutlierStream  # noqa: E402
 from oodscale.progress import epoch_progress  # noqa: E402
 from oodscale.runtime import layout_for  # noqa: E402
 
@@ -332,7 +335,8 @@ CASES: dict[str, Callable[[Path, int], list[str]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print only; no record under bench/results/")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b), (d)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                         help="which of (a) generation, (b) training, (c) memory, (d) "
@@ -361,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write("\n" + text)
+        print(f"recorded in {write_record('bench_ray_overhead', '.venv/bin/python ' + cmd, text)}",
+              file=sys.stderr)
     return 0
 
 

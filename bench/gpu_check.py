@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from oodscale.classify.losses import LOSS_NAMES  # noqa: E402
+from oodscale.classify.loss_table import LOSS_NAMES  # noqa: E402
 from oodscale.classify.models import build_classifier  # noqa: E402
 from oodscale.classify.step import oe_step  # noqa: E402
 from oodscale.config import GenerateConfig, load_config  # noqa: E402
@@ -59,7 +59,8 @@ from oodscale.diffusion.sample import (  # noqa: E402
 )
 from oodscale.diffusion.train import make_scheduler  # noqa: E402
 from oodscale.distributed import make_accelerator  # noqa: E402
-from oodscale.evaluate.detectors import SCORE_NAMES, compute_scores, fit_features  # noqa: E402
+from oodscale.evaluate.detectors import compute_scores, fit_features  # noqa: E402
+from oodscale.evaluate.score_table import SCORE_NAMES  # noqa: E402
 
 SOURCES = ["none", "labelmix", "labelmix-w1", "labelmix-filtered", "noise", "pixelmix"]
 PIPELINE = [

@@ -21,7 +21,7 @@ from oodscale import tracking
 from oodscale.config import ConfigError, ExperimentConfig, load_config
 from oodscale.diffusion.generators import GENERATORS
 from oodscale.errors import named_error
-from oodscale.outliers import generator_sources, synthetic_dirname
+from oodscale.outlier_sources import generator_sources, synthetic_dirname
 from oodscale.runtime import RunLayout, init_ray, layout_for
 
 Stage = Callable[[ExperimentConfig, RunLayout], str]

@@ -26,31 +26,40 @@ from pydantic import (
 
 
 def _known_loss(name: str) -> str:
-    from oodscale.classify.losses import check_loss_options  # the loss table
+    from oodscale.classify.loss_table import check_loss_options  # the loss table
 
     check_loss_options(name)
     return name
 
 
-LossName = Annotated[str, AfterValidator(_known_loss)]  # checked against classify.losses.LOSSES
+LossName = Annotated[str, AfterValidator(_known_loss)]  # checked against classify.loss_table
 
 
 def _known_source(name: str) -> str:
-    from oodscale.outliers import check_source_name  # the outlier-source table
+    from oodscale.outlier_sources import check_source_name  # the outlier-source table
 
     return check_source_name(name)
 
 
-OutlierName = Annotated[str, AfterValidator(_known_source)]  # checked against oodscale.outliers
+OutlierName = Annotated[str, AfterValidator(_known_source)]  # oodscale.outlier_sources
 
 
 def _known_score(name: str) -> str:
-    from oodscale.evaluate.detectors import check_score_name  # the score table (+ pood: names)
+    from oodscale.evaluate.score_table import check_score_name  # built-in and pood: names
 
     return check_score_name(name)
 
 
-ScoreName = Annotated[str, AfterValidator(_known_score)]  # evaluate.detectors.SCORES, pood:<Name>
+ScoreName = Annotated[str, AfterValidator(_known_score)]  # evaluate.score_table
+
+
+def _known_backbone(name: str) -> str:
+    from oodscale.classify.backbone_table import check_backbone
+
+    return check_backbone(name)
+
+
+BackboneName = Annotated[str, AfterValidator(_known_backbone)]  # classify.backbone_table
 BuiltinOOD = Literal[
     "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset", "digits"
 ]
@@ -79,6 +88,22 @@ MAX_EPOCHS = 100_000
 MAX_SAMPLES = 1_000_000_000  # images one set or one generation run may hold
 
 
+def _no_credentials(location: str | None) -> str | None:
+    from oodscale.uris import refuse_credentials
+
+    return refuse_credentials(location)
+
+
+def _no_credentials_in_address(address: str | None) -> str | None:
+    from oodscale.uris import refuse_credentials
+
+    return refuse_credentials(address, address=True)
+
+
+# A path or URI that must not carry credentials (user info, secret query keys): oodscale.uris
+Location = Annotated[str, AfterValidator(_no_credentials)]
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what to do."""
 
@@ -88,29 +113,33 @@ class _Section(BaseModel):
 
 
 class StorageConfig(_Section):
-    root: str = Field("runs", description="Local path, file://, s3:// or gs:// URI.")
+    root: Location = Field("runs", description="Local path, file://, s3:// or gs:// URI.")
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description="Cluster address; None = RAY_ADDRESS or local.")
+    address: Annotated[str | None, AfterValidator(_no_credentials_in_address)] = Field(
+        None, description="Cluster address; None = RAY_ADDRESS or local.")
     num_cpus: int | None = Field(
         None, ge=1, le=MAX_WORKERS * 16,
         description="Logical CPUs of a local Ray (default: max(4, 2 x cores)).")
     object_store_mb: int = Field(512, ge=64, le=4 << 20)
+    host: str = Field("127.0.0.1", min_length=1, description=(
+        "The address a local Ray listens on: loopback (default), or this machine's address "
+        "so that other machines can join it (refused while RAY_AUTH_MODE=disabled)."))
 
 
 class OODSetSource(_Section):
     """A bring-your-own OOD test set: an ImageFolder tree or WebDataset shards."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    path: str
+    path: Location
     format: Literal["imagefolder", "webdataset"] = "imagefolder"
     group: Literal["near", "far"] = "far"
 
 
 class DataConfig(_Section):
     source: Literal["digits", "fashion_mnist", "imagefolder", "cifar10"] = "digits"
-    path: str | None = Field(
+    path: Location | None = Field(
         None, description="Dataset root for imagefolder / cifar10 / fashion_mnist (default for "
                           "fashion_mnist: Debian's /usr/share/datasets/fashion-mnist).")
     image_size: int = Field(16, ge=8, le=512)
@@ -329,7 +358,7 @@ class TrainConfig(WorkerConfig):
     extra_cells: list[CellGroup] = Field(
         default_factory=list, description="Cells beyond losses x outliers, each group its own "
                                           "losses x outliers, all at train.seeds.")
-    backbone: Literal["smallcnn", "resnet18", "resnet50", "wrn40_2"] = "smallcnn"
+    backbone: BackboneName = "smallcnn"
     embedding_dim: int = Field(64, ge=2, le=65_536)
     head_options: dict[str, dict[str, float]] = Field(
         default_factory=lambda: {"arcface": {"margin": 28.6, "scale": 16.0},
@@ -351,9 +380,12 @@ class TrainConfig(WorkerConfig):
 
     @model_validator(mode="after")
     def _init_fits(self) -> TrainConfig:
-        if self.init_checkpoint and self.backbone not in ("resnet18", "resnet50"):
+        from oodscale.classify.backbone_table import BACKBONES
+
+        if self.init_checkpoint and not BACKBONES[self.backbone].torchvision_init:
+            able = ", ".join(n for n, spec in BACKBONES.items() if spec.torchvision_init)
             raise ValueError(f"train.init_checkpoint loads torchvision ResNets; "
-                             f"train.backbone={self.backbone} is not one (resnet18, resnet50)")
+                             f"train.backbone={self.backbone} is not one ({able})")
         return self
 
     @field_validator("losses", "outliers", "seeds")
@@ -377,7 +409,7 @@ class TrainConfig(WorkerConfig):
     @field_validator("head_options")
     @classmethod
     def _known_head_options(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        from oodscale.classify.losses import check_loss_options
+        from oodscale.classify.loss_table import check_loss_options
 
         for name, options in v.items():
             check_loss_options(name, options)
@@ -411,7 +443,7 @@ class DetectorConfig(_Section):
 class TrackingConfig(_Section):
     """Optional MLflow tracking (oodscale.tracking); needs `pip install 'oodscale[mlflow]'`."""
 
-    mlflow_uri: str | None = Field(
+    mlflow_uri: Location | None = Field(
         None, description="MLflow tracking URI (file:/path works offline, or http://host:5000); "
                           "None = no tracking.")
     experiment: str | None = Field(None, description="MLflow experiment; None = config name.")

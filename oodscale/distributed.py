@@ -7,7 +7,6 @@ and reports checkpoints from rank 0 while every rank reports metrics (Ray Train 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -21,7 +20,7 @@ import pyarrow.fs as pafs
 from oodscale.config import WorkerConfig
 from oodscale.data.streams import CachedShards
 from oodscale.progress import publish
-from oodscale.runtime import RunLayout, Storage, resolve_use_gpu
+from oodscale.runtime import RunLayout, Storage, check_write_guards, resolve_use_gpu
 
 STATE_FILE = "state.json"
 # How often Ray Train's controller polls its workers (Ray's default: 2 s). Every step of a worker
@@ -148,7 +147,8 @@ def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] |
 
 
 def copy_checkpoint(result, layout: RunLayout, destination: str) -> None:
-    """Publish the trainer's final checkpoint at `destination` (local or remote)."""
+    """Publish the trainer's final checkpoint at `destination` (local or remote); the caller
+    writes the card that says it is finished afterwards."""
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the worker logs "
                            "(worker-*.out in the Ray log directory named at the start, or "
@@ -158,23 +158,38 @@ def copy_checkpoint(result, layout: RunLayout, destination: str) -> None:
 
 
 def publish_dir(storage: Storage, source: str, destination: str,
-                source_fs: pafs.FileSystem | None = None) -> None:
-    """Copy a directory to `destination` in storage, all files appearing at once.
+                source_fs: pafs.FileSystem | None = None, last: tuple[str, ...] = ()) -> None:
+    """Copy a directory's files to `destination` in storage, the files named in `last` (its
+    card) after every other one.
 
-    Files land in a staging directory first and are moved into place together, so a reader
-    never sees a half-copied checkpoint.
+    No directory is moved (pyarrow's S3 and GCS filesystems cannot move one): files are written
+    under their final names. A card already at `destination` is deleted before anything else
+    changes there and written last (whole, in one write), so a reader that checks the card sees
+    either no model or a complete one, never a half-published one; a publish killed midway
+    leaves a directory without its card, which readers treat as absent and a rerun replaces.
     """
-    staging = f"{destination}.partial"
+    check_write_guards()  # a driver that lost its experiment lock publishes nothing
+    source_fs = source_fs or pafs.LocalFileSystem()
+    base = source.rstrip("/")
     try:
-        if storage.exists(staging):
-            storage.fs.delete_dir(staging)
-        storage.makedirs(staging)
-        pafs.copy_files(source, staging, source_filesystem=source_fs or pafs.LocalFileSystem(),
-                        destination_filesystem=storage.fs)
-    except OSError as err:  # full or read-only root: the earlier `destination` is untouched
-        with contextlib.suppress(OSError):
-            storage.fs.delete_dir(staging)
-        raise storage.write_error(staging, err) from err
-    if storage.exists(destination):
-        storage.fs.delete_dir(destination)
-    storage.fs.move(staging, destination)
+        names = sorted(info.path[len(base) + 1:] for info in source_fs.get_file_info(
+            pafs.FileSelector(base, recursive=True)) if info.type == pafs.FileType.File)
+        cards = [name for name in last if name in names]
+        if len(cards) != len(last):
+            raise FileNotFoundError(f"{base} lacks {sorted(set(last) - set(cards))}")
+        if storage.exists(destination):
+            for name in last:  # first: from here on the destination is not a finished model
+                if storage.exists(f"{destination}/{name}"):
+                    storage.fs.delete_file(f"{destination}/{name}")
+            storage.fs.delete_dir_contents(destination)
+        storage.makedirs(destination)
+        for name in (n for n in names if n not in last):
+            if "/" in name:
+                storage.makedirs(f"{destination}/{name.rsplit('/', 1)[0]}")
+            pafs.copy_files(f"{base}/{name}", f"{destination}/{name}",
+                            source_filesystem=source_fs, destination_filesystem=storage.fs)
+    except OSError as err:  # full or read-only root: what is there has no card
+        raise storage.write_error(destination, err) from err
+    for name in cards:
+        with source_fs.open_input_stream(f"{base}/{name}") as f:
+            storage.write_bytes_atomic(f"{destination}/{name}", f.read())

@@ -183,7 +183,8 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
             from oodscale.predict_ray import predict_with_ray
 
             return "\n".join([detector.describe(), predict_with_ray(
-                cfg, layout, request, listed, layout.storage.at(directory), skipped, size)])
+                cfg, layout, request, listed, layout.storage.at(directory), skipped, size,
+                ROW_SCHEMA)])
         files = iter(listed)
     out = Path(request.out)
     out.parent.mkdir(parents=True, exist_ok=True)

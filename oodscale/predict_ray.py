@@ -107,12 +107,12 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 def predict_with_ray(cfg: ExperimentConfig, layout: RunLayout, request: Any,
                      files: list[Storage], classifier: Storage, skipped: list[str],
-                     size: tuple[int, int]) -> str:
-    """Score `files` (pairs from predict's listing) with Ray Data into Parquet parts under
-    `request.out`; returns the summary. A part already written is skipped."""
+                     size: tuple[int, int], schema: pa.Schema) -> str:
+    """Score `files` (pairs from predict's listing) with Ray Data into Parquet parts of
+    `schema` (predict's rows) under `request.out`; returns the summary. A part already
+    written is skipped."""
     import ray.data
 
-    from oodscale.predict import ROW_SCHEMA
     from oodscale.runtime import init_ray, require_gpus, resolve_use_gpu
 
     out = parts_dir(Path(request.out))
@@ -155,7 +155,7 @@ def predict_with_ray(cfg: ExperimentConfig, layout: RunLayout, request: Any,
             part = int(batch["part"])
             rows[part].append(batch)
             if len(rows[part]) == pending[part]:
-                _write_atomic(_part_table(rows.pop(part), ROW_SCHEMA), out / part_name(part))
+                _write_atomic(_part_table(rows.pop(part), schema), out / part_name(part))
     written = sorted(out.glob("part-*.parquet"))
     if stop is not None:
         raise BadImageError(f"{stop}; the {len(written)} part(s) written before it are kept in "

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import os
 import random
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,17 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from oodscale.config import ExperimentConfig
+from oodscale.uris import refuse_credentials
+
+# Checks run before every `Storage.write_bytes_atomic` and model publish in this process (the
+# manifests and cards that make a stage's output exist): oodscale.locking adds one that raises
+# once this process has lost its experiment lock.
+WRITE_GUARDS: list = []
+
+
+def check_write_guards() -> None:
+    for guard in WRITE_GUARDS:
+        guard()
 
 
 class StorageError(RuntimeError):
@@ -37,9 +50,10 @@ class Storage:
         return "/".join([self.base.rstrip("/"), *parts])
 
     def uri_of(self, path: str) -> str:
-        """A URI for `path`, for messages and for people: code passes (filesystem, path) pairs
-        (this Storage, `at`) and never parses one of these again, since an object-store key
-        with a space, `#`, `%` or `?` does not survive the round trip."""
+        """`path` as a URI for messages (without the root's query options) and for people:
+        code passes (filesystem, path) pairs (this Storage, `at`) and does not parse one of
+        these again, since an object-store key with a space, `#`, `%` or `?` does not survive
+        the round trip."""
         if isinstance(self.fs, pafs.LocalFileSystem):
             return path
         scheme = self.uri.split("://", 1)[0]
@@ -48,6 +62,12 @@ class Storage:
     def at(self, path: str) -> Storage:
         """This filesystem with `path` as its base: a pair to hand on, not a URI to re-parse."""
         return Storage(fs=self.fs, base=path, uri=self.uri_of(path))
+
+    def open_uri(self, path: str) -> str:
+        """A URI for `path` that other processes (`open_storage`) open as this root does: with
+        the root's query options (an S3 endpoint_override, a region) kept."""
+        query = self.uri.partition("?")[2] if "://" in self.uri else ""
+        return self.uri_of(path) + (f"?{query}" if query else "")
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -59,13 +79,14 @@ class Storage:
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write via a temp name then rename, so readers never see a half-written file; a
         failed write removes its temp file and leaves any earlier `path` as it was."""
+        check_write_guards()
         parent = path.rsplit("/", 1)[0]
         tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
         try:
             self.fs.create_dir(parent, recursive=True)
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
-            self.fs.move(tmp, path)
+            self.fs.move(tmp, path)  # moves a file
         except OSError as err:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(tmp)
@@ -136,7 +157,7 @@ class RunLayout:
 
     def synthetic_variant(self, dirname: str) -> str:
         """A generator source's shards: `synthetic-w3`, `synthetic-w1-filtered` (names from
-        oodscale.outliers, by the source's own guidance)."""
+        oodscale.outlier_sources, by the source's own guidance)."""
         return self._p(dirname)
 
     def classifier_dir(self, run: str) -> str:
@@ -188,9 +209,17 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
     # an error in a Ray Data task reaches the driver as itself (e.g. StorageError), not as
     # UserCodeException, so the CLI can name it (oodscale.errors)
     ray.data.DataContext.get_current().raise_original_map_exception = True
+    target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if target:  # refused even where a Ray is already up: the request itself is wrong
+        try:
+            refuse_credentials(target, address=True)
+        except ValueError as err:
+            raise ValueError(f"the Ray address (--address, ray.address or RAY_ADDRESS) "
+                             f"{err}") from None
+    else:
+        refuse_open_host(cfg.ray.host)
     if ray.is_initialized():
         return
-    target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     quiet = {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     os.environ.update(quiet)  # the driver's own progress bars are ours (tqdm), not Ray Data's
     env = {"env_vars": {**quiet, **raylog.WORKER_ENV}}
@@ -201,15 +230,64 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
         cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
         global _LOCAL_RAY_STARTED
         _LOCAL_RAY_STARTED = True
-        ray.init(
-            address="local",  # a new Ray even where `ray start` left one running
-            num_cpus=cpus,
-            object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-            include_dashboard=False,
-            runtime_env=env,
-            **raylog.init_options(verbose),
-        )
+        with listening_on(cfg.ray.host) as node_ip:
+            ray.init(
+                address="local",  # a new Ray even where `ray start` left one running
+                num_cpus=cpus,
+                object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+                include_dashboard=False,
+                runtime_env=env,
+                _node_ip_address=node_ip,
+                **raylog.init_options(verbose),
+            )
     raylog.after_init(verbose, target)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_open_host(host: str) -> None:
+    """A local Ray on a non-loopback address with token auth off would let anyone who reaches
+    that address run code here: ValueError."""
+    if not is_loopback(host) and os.environ.get("RAY_AUTH_MODE", "").strip().lower() == \
+            "disabled":
+        raise ValueError(
+            f"ray.host={host} would let other machines reach this job's Ray, and "
+            f"RAY_AUTH_MODE=disabled turns its token authentication off: unset RAY_AUTH_MODE "
+            f"(token auth is Ray's default) or keep ray.host=127.0.0.1")
+
+
+@contextlib.contextmanager
+def listening_on(host: str) -> Iterator[str | None]:
+    """Where the local Ray this job starts listens: on loopback alone unless `ray.host` names
+    another address; yields the `_node_ip_address` for `ray.init`.
+
+    Ray listens on loopback alone when its node's address is loopback (its GCS, raylet, agents
+    and workers then bind 127.0.0.1), but it turns a loopback `_node_ip_address` into the
+    machine's address unless its single-machine switch (`ENABLE_RAY_CLUSTER`, the
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` variable, read when ray is imported) is off. So that
+    switch is off while `ray.init` starts the node, and only then: nothing is put in the
+    environment of other processes. Ray's processes get the node address as arguments;
+    tests/test_runtime_loopback.py checks what they listen on, so a Ray that moves the switch
+    fails there. A non-loopback address with token auth off is refused (`refuse_open_host`)."""
+    from ray._private import ray_constants
+
+    if not is_loopback(host):
+        refuse_open_host(host)
+        yield host
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield "127.0.0.1"
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def probe_ray_address(target: str, timeout_s: float = 5.0) -> None:

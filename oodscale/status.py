@@ -89,7 +89,7 @@ def _train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
 
 
 def _generate(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
-    from oodscale.outliers import generator_sources, synthetic_dirname
+    from oodscale.outlier_sources import generator_sources, synthetic_dirname
 
     default, total = cfg.generate.guidance, cfg.generate.num_shards
     sources = generator_sources(cfg.train.outlier_sources, default)
@@ -163,7 +163,7 @@ def _evaluate(layout: RunLayout, trained: list[str], refused: str | None) -> Sta
 
 def experiment_status(cfg: ExperimentConfig, layout: RunLayout) -> list[StageStatus]:
     """One entry per stage of `oodscale run`, in order."""
-    from oodscale.outliers import generator_sources
+    from oodscale.outlier_sources import generator_sources
 
     stages = [_prepare(cfg, layout)]
     if generator_sources(cfg.train.outlier_sources, cfg.generate.guidance):

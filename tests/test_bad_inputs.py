@@ -571,7 +571,7 @@ def _crafted_card(tmp_path: Path, loss: str = "softmax", **changes) -> Path:
     ("softmax", {"embedding_dim": 16}, r"tensor backbone\..* in the model the card describes"),
     ("arcface", {"num_classes": 5, "class_names": list("abcde")}, r"tensor head\.\S+ is "
                                                                   r"\(8, 3\)"),
-    ("softmax", {"backbone": "resnet1000"}, "backbone 'resnet1000' is none of"),
+    ("softmax", {"backbone": "resnet1000"}, "unknown backbone 'resnet1000'; valid names"),
     ("softmax", {"channels": 3.0}, r"channels 3.0 is not an integer"),
     ("cosface", {"head_options": {"scale": float("inf")}}, "head_options .* are not finite"),
     ("softmax", {"class_names": ["a"]}, r"class_names do not list num_classes \(3\) names"),

@@ -223,7 +223,7 @@ def test_status_of_a_partly_run_experiment(digits_experiment, tmp_path):
     no Ray."""
     from oodscale.config import load_config
     from oodscale.data.shards import Manifest, ShardInfo, write_manifest
-    from oodscale.outliers import synthetic_dirname
+    from oodscale.outlier_sources import synthetic_dirname
     from oodscale.runtime import layout_for
     from oodscale.status import MISSING, PARTIAL, experiment_status
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from oodscale.evaluate.detectors import SCORE_NAMES, compute_scores, fit_features
+from oodscale.evaluate.detectors import compute_scores, fit_features
+from oodscale.evaluate.score_table import SCORE_NAMES
 
 
 def _cluster(n: int = 200, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 import oodscale.classify.train as classify_train
 import oodscale.diffusion.train as diffusion_train
 from oodscale.classify.checkpoints import CARD, LoadedClassifier
-from oodscale.classify.losses import LOSS_NAMES
+from oodscale.classify.loss_table import LOSS_NAMES
 from oodscale.classify.models import build_classifier
 from oodscale.classify.step import oe_step
 from oodscale.cli import main
@@ -26,7 +26,8 @@ from oodscale.config import load_config
 from oodscale.data.shards import read_manifest
 from oodscale.data.streams import endless_batches, read_shards, to_model_input
 from oodscale.distributed import make_accelerator
-from oodscale.outliers import OutlierStream, synthetic_dirname
+from oodscale.outlier_sources import synthetic_dirname
+from oodscale.outliers import OutlierStream
 from oodscale.runtime import layout_for
 from tests.device_sim import SimulatedAccelerator
 

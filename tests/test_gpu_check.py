@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oodscale.classify.losses import LOSS_NAMES
+from oodscale.classify.loss_table import LOSS_NAMES
 from oodscale.classify.train import grid
 from oodscale.config import load_config
 

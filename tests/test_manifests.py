@@ -16,6 +16,10 @@ What is checked, for the kustomize base and for each rendered overlay:
   uid 1000 non-root without privilege escalation, GPU groups carry ``nvidia.com/gpu`` limits
   and the matching toleration, credentials only come from Secrets, entry points are
   ``python jobs/<stage>.py --config configs/<name>.yaml ...`` and agree with the resources.
+* Isolation: every container has a read-only root filesystem and an emptyDir at /tmp; every
+  pod carries the oodscale label, and a NetworkPolicy admits ingress only from such pods (and
+  KubeRay's operator on the dashboard port); RayJob pods run under ``oodscale-job``, which
+  mounts no token and has no Role bound. One RayJob per stage of ``oodscale.cli.PIPELINE``.
 * Deliberately broken copies (``shutdownAfterJobFinish``, ``rayStartParam``, ...) must fail.
 
 Overlays are rendered by ``render()``, a deliberately small kustomize subset, because neither
@@ -51,6 +55,8 @@ from typing import Any
 
 import pytest
 
+from oodscale.cli import PIPELINE
+
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -68,19 +74,22 @@ PROFILES = {
     "gpu": MANIFESTS / "overlays" / "gpu",
     "cpu-small": MANIFESTS / "overlays" / "cpu-small",
 }
-# RayJob stage (the suffix of its name, oodscale-<stage>) -> entry point script under jobs/.
-STAGES = {
-    "prepare": "prepare.py",
-    "train-diffusion": "train_diffusion.py",
-    "generate": "generate.py",
-    "train": "train.py",
-    "evaluate": "evaluate.py",
-}
-GPU_STAGES = ("train-diffusion", "generate", "train", "evaluate")
+# RayJob stage (the suffix of its name, oodscale-<stage>) -> entry point script under jobs/:
+# one per stage of the CLI's pipeline, so a stage added there without a RayJob fails the tests.
+STAGES = {name: f"{name.replace('-', '_')}.py" for name, _ in PIPELINE}
+GPU_STAGES = ("train-diffusion", "generate", "train", "calibrate", "evaluate")
 CONFIGS = {"digits", "cifar10", "imagenet"}
 RAY_KINDS = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 GPU = "nvidia.com/gpu"
 SERVICE_ACCOUNT = "oodscale"
+# Every RayJob pod (the job driver runs in the head) runs under this account: no token, no Role.
+JOB_ACCOUNT = "oodscale-job"
+# The label of every oodscale pod; the NetworkPolicy admits ingress only from pods carrying it.
+POD_LABEL = ("app.kubernetes.io/part-of", "oodscale")
+OWN_PODS = {"matchLabels": dict([POD_LABEL])}
+# KubeRay's operator reads job status from the head's dashboard: the one other source admitted.
+OPERATOR = {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+DASHBOARD_PORT = [{"protocol": "TCP", "port": 8265}]
 RAY_UID = 1000
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -616,6 +625,21 @@ def contract_problems(objects: list[dict]) -> list[str]:
                 problems.append(f"{where}: pod needs runAsNonRoot: true, runAsUser: {RAY_UID}")
             if spec.get("serviceAccountName") not in accounts:
                 problems.append(f"{where}: serviceAccountName not one of {sorted(accounts)}")
+            if ((template.get("metadata") or {}).get("labels") or {}).get(POD_LABEL[0]) != \
+                    POD_LABEL[1]:
+                problems.append(f"{where}: pod template lacks the label {'='.join(POD_LABEL)} "
+                                f"(the NetworkPolicy admits the cluster's own pods by it)")
+            if obj["kind"] == "RayJob" and role == "head":
+                env = {e["name"]: e.get("value") for c in containers(template)
+                       for e in c.get("env") or []}
+                owner = f"rayjob/$(POD_NAMESPACE)/{obj['metadata']['name']}"
+                if env.get("OODSCALE_LOCK_OWNER") != owner:
+                    problems.append(f"{where}: OODSCALE_LOCK_OWNER must name the RayJob, so a "
+                                    f"retry takes over its crashed attempt's lock")
+            if obj["kind"] == "RayJob" and (spec.get("serviceAccountName") != JOB_ACCOUNT
+                                            or spec.get("automountServiceAccountToken")):
+                problems.append(f"{where}: RayJob pods run under {JOB_ACCOUNT} without a token")
+            scratch = {v["name"] for v in spec.get("volumes") or [] if "emptyDir" in v}
             for container in containers(template):
                 cwhere = f"{where} container {container.get('name')}"
                 csc = container.get("securityContext") or {}
@@ -625,6 +649,12 @@ def contract_problems(objects: list[dict]) -> list[str]:
                     problems.append(f"{cwhere}: privileged / root")
                 if csc.get("runAsUser", RAY_UID) != RAY_UID:
                     problems.append(f"{cwhere}: runAsUser must be {RAY_UID}")
+                if csc.get("readOnlyRootFilesystem") is not True:
+                    problems.append(f"{cwhere}: readOnlyRootFilesystem must be true")
+                if not any(m.get("mountPath") == "/tmp" and m.get("name") in scratch
+                           for m in container.get("volumeMounts") or []):
+                    problems.append(f"{cwhere}: no emptyDir at /tmp (Ray's session dirs) on a "
+                                    f"read-only root")
                 for env in container.get("env") or []:
                     if "value" in env and _CREDENTIAL_NAME.search(env.get("name", "")):
                         problems.append(f"{cwhere}: inline value for credential {env['name']}")
@@ -648,8 +678,40 @@ def contract_problems(objects: list[dict]) -> list[str]:
                 ):
                     problems.append(f"{where}: GPU group without a {GPU} NoSchedule toleration")
 
+    problems += isolation_problems(objects)
     text = json.dumps(objects)
     problems += [f"credential-like text: {p.pattern}" for p in _CREDENTIAL_TEXT if p.search(text)]
+    return problems
+
+
+def isolation_problems(objects: list[dict]) -> list[str]:
+    """The job account has no token and no Role; one NetworkPolicy selects the oodscale pods
+    and admits ingress only from them (and KubeRay's operator on the dashboard port)."""
+    problems = []
+    account = next((o for o in objects if o["kind"] == "ServiceAccount"
+                    and o["metadata"]["name"] == JOB_ACCOUNT), None)
+    if account is None or account.get("automountServiceAccountToken") is not False:
+        problems.append(f"ServiceAccount {JOB_ACCOUNT} missing or mounting a token")
+    for binding in (o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        if any(s.get("name") == JOB_ACCOUNT for s in binding.get("subjects") or []):
+            problems.append(f"{binding['kind']}/{binding['metadata']['name']} gives "
+                            f"{JOB_ACCOUNT} API permissions")
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"
+                and o["spec"].get("podSelector") == OWN_PODS
+                and "Ingress" in o["spec"].get("policyTypes", [])]
+    if not policies:
+        problems.append("no NetworkPolicy restricts ingress to the oodscale pods")
+    for policy in policies:
+        where = f"NetworkPolicy/{policy['metadata']['name']}"
+        for rule in policy["spec"].get("ingress") or []:
+            peers = rule.get("from") or [{}]  # no `from`: every source
+            for peer in peers:
+                own = peer == {"podSelector": OWN_PODS}
+                operator = (peer.get("podSelector") == OPERATOR
+                            and set(peer) <= {"podSelector", "namespaceSelector"}
+                            and rule.get("ports") == DASHBOARD_PORT)
+                if not (own or operator):
+                    problems.append(f"{where}: admits {peer or 'every source'}")
     return problems
 
 
@@ -693,7 +755,8 @@ def test_renders(profile: str) -> None:
         "RayJob": len(STAGES),
         "RayCluster": 1,
         "PersistentVolumeClaim": 1,
-        "ServiceAccount": 1,
+        "ServiceAccount": 2,
+        "NetworkPolicy": 1,
     }, kinds
     assert len({_key(o) for o in objects}) == len(objects), "duplicate objects"
     for obj in objects:
@@ -998,6 +1061,52 @@ def unknown_claim(objects: list[dict]) -> dict:
     pvc = _first(objects, "PersistentVolumeClaim", "oodscale-data")
     pvc["metadata"]["name"] = "other"
     return pvc
+
+
+@_breaks_contract
+def writable_root_filesystem(objects: list[dict]) -> dict:
+    job = _job(objects, "train")
+    del _worker_pod(job)["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    return job
+
+
+@_breaks_contract
+def no_scratch_at_tmp(objects: list[dict]) -> dict:
+    job = _job(objects, "calibrate")
+    container = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/tmp"]
+    return job
+
+
+@_breaks_contract
+def driver_under_autoscaler_account(objects: list[dict]) -> dict:
+    job = _job(objects, "evaluate")
+    _head_pod(job)["serviceAccountName"] = SERVICE_ACCOUNT
+    return job
+
+
+@_breaks_contract
+def job_account_bound_to_a_role(objects: list[dict]) -> dict:
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "x"}, "roleRef": {"kind": "Role", "name": "x",
+                                                      "apiGroup": "rbac.authorization.k8s.io"},
+               "subjects": [{"kind": "ServiceAccount", "name": JOB_ACCOUNT}]}
+    objects.append(binding)
+    return binding
+
+
+@_breaks_contract
+def ingress_from_anywhere(objects: list[dict]) -> dict:
+    policy = _first(objects, "NetworkPolicy", "oodscale")
+    policy["spec"]["ingress"].append({"from": [{"namespaceSelector": {}}]})
+    return policy
+
+
+@_breaks_contract
+def unlabelled_pod(objects: list[dict]) -> dict:
+    job = _job(objects, "generate")
+    del job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["metadata"]
+    return job
 
 
 @pytest.mark.parametrize("breakage", CONTRACT_BREAKS)

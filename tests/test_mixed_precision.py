@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from oodscale.classify.losses import LOSS_NAMES, kl_to_uniform
+from oodscale.classify.loss_table import LOSS_NAMES
+from oodscale.classify.losses import kl_to_uniform
 from oodscale.classify.models import build_classifier
 from oodscale.distributed import make_accelerator
 

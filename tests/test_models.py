@@ -2,13 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from oodscale.classify.losses import LOSS_NAMES, kl_to_uniform
-from oodscale.classify.models import (
-    BACKBONE_NAMES,
-    OODClassifier,
-    build_backbone,
-    build_classifier,
-)
+from oodscale.classify.backbone_table import BACKBONE_NAMES
+from oodscale.classify.loss_table import LOSS_NAMES
+from oodscale.classify.losses import kl_to_uniform
+from oodscale.classify.models import OODClassifier, build_backbone, build_classifier
 
 NUM_CLASSES, DIM = 5, 16
 

@@ -6,15 +6,13 @@ import torch
 
 from oodscale.config import ConfigError, load_config
 from oodscale.diffusion.mixup import distinct_pairs
-from oodscale.outliers import (
+from oodscale.outlier_sources import (
     OutlierSource,
-    OutlierStream,
     check_source_name,
     generator_sources,
-    noise_outliers,
     parse_source,
-    pixelmix_outliers,
 )
+from oodscale.outliers import OutlierStream, noise_outliers, pixelmix_outliers
 from tests.test_config import DIGITS
 
 

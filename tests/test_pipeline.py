@@ -126,13 +126,39 @@ def test_evaluate_wrote_scores_results_and_report(run_root):
     assert set(results["group"]) == {"near", "far"}
     for col in ("fpr95", "auroc", "aupr_in", "aupr_out", "id_acc"):
         assert results[col].between(0, 100).all(), col
+    # every image carries its key, so the pairs of two classifiers are explicit
+    keys = scores.groupby(["run", "score_name", "dataset"])["sample"].apply(frozenset)
+    assert keys.groupby(level="dataset").nunique().eq(1).all()
+    assert not scores.duplicated(["run", "score_name", "dataset", "sample"]).any()
+    from oodscale.evaluate.claims import CLAIM_COLUMNS
+    from oodscale.evaluate.intervals import COMPARISON_COLUMNS
+
+    comparisons = pd.read_parquet(eval_dir / "comparisons.parquet")
+    assert list(comparisons.columns) == COMPARISON_COLUMNS
+    assert set(comparisons["protocol"]) == {"paper", "openood"}
+    assert set(comparisons["comparison"]) == {"vs_none", "vs_softmax"}
+    assert (comparisons["ci_low"] <= comparisons["ci_high"]).all()
+    claims = pd.read_parquet(eval_dir / "claims.parquet")
+    assert list(claims.columns) == CLAIM_COLUMNS
+    assert set(claims["verdict"]) <= {"holds", "fails", "undecided"}
     report = (eval_dir / "report.md").read_text()
-    assert "OOD" in report and "**" in report
+    assert "OOD" in report and "95 % CI" in report and "## Test sets" in report
     # The primary scores were chosen on the validation sets, which report.md says.
     val = pd.read_parquet(eval_dir / "val_results.parquet")
     assert set(val["ood_set"]) == {"openset", "gaussian"} and len(val) == 6 * 4 * 2
     assert "validation sets alone" in report and "`openset`" in report
     assert list((eval_dir / "plots").glob("*.png"))
+
+
+def test_claims_command_prints_the_decided_claims(run_root, capsys, tmp_path):
+    root, overrides = run_root
+    assert main(["claims", CONFIG, *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "label-mixup OE improves each loss" in out and "metric losses beat softmax" in out
+    assert any(v in out for v in ("holds", "fails", "undecided"))
+    # an experiment without evaluate's files says what to run
+    assert main(["claims", CONFIG, f"storage.root={tmp_path}"]) == 1
+    assert "run `oodscale evaluate`" in capsys.readouterr().err
 
 
 def test_ambiguity_filter_keeps_unsure_samples_with_their_score(run_root):

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from oodscale.classify.losses import LOSS_NAMES, SoftmaxHead
+from oodscale.classify.loss_table import LOSS_NAMES
+from oodscale.classify.losses import SoftmaxHead
 from oodscale.classify.models import OODClassifier, build_backbone, build_classifier
 from oodscale.config import ConfigError, load_config
 from oodscale.evaluate.detectors import ScoreSet, fit_train

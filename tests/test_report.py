@@ -104,8 +104,11 @@ def test_write_report(tmp_path):
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"not really a png")
     out = tmp_path / "eval"
-    summary = write_report(results, scores, str(out), "Test report", {"Outlier grid": str(grid)})
+    summary = write_report(results, scores, str(out), "Test report", {"Outlier grid": str(grid)},
+                           set_sources={"textures": "10 shipped images"})
     text = (out / "report.md").read_text()
+    # each test set's size and sources are stated
+    assert "| textures | far | 15 | 10 shipped images |" in text and "| id | ID | 20 | - |" in text
     assert text.startswith("# Test report")
     assert "OOD is the positive class" in text and "higher score = more in-distribution" in text
     assert "Main table, paper protocol" in summary and "The paper's claims" in summary

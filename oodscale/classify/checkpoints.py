@@ -14,7 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from oodscale.classify.losses import build_head, check_loss_options
+from oodscale.classify.backbone_table import check_backbone
+from oodscale.classify.loss_table import check_loss_options
+from oodscale.classify.losses import build_head
 from oodscale.classify.models import Activations, OODClassifier, build_backbone, build_classifier
 from oodscale.data.streams import to_model_input
 from oodscale.devices import worker_device
@@ -40,7 +42,6 @@ def classifier_from_card(card: dict[str, Any]) -> OODClassifier:
 # What a card may say, checked before anything is built from it: (lowest, highest).
 CARD_NUMBERS = {"channels": (1, 3), "image_size": (8, 1024), "num_classes": (2, 1_000_000),
                 "embedding_dim": (2, 65_536)}
-BACKBONES = ("smallcnn", "resnet18", "resnet50", "wrn40_2")
 
 
 def _card_problem(card: Any) -> str | None:
@@ -50,8 +51,6 @@ def _card_problem(card: Any) -> str | None:
     missing = [k for k in ("backbone", "loss", "head_options", *CARD_NUMBERS) if k not in card]
     if missing:
         return f"it lacks {', '.join(missing)}"
-    if card["backbone"] not in BACKBONES:
-        return f"backbone {card['backbone']!r} is none of {', '.join(BACKBONES)}"
     for key, (low, high) in CARD_NUMBERS.items():
         value = card[key]
         if type(value) is not int or not low <= value <= high:
@@ -62,8 +61,9 @@ def _card_problem(card: Any) -> str | None:
             for v in options.values()):
         return f"head_options {options!r} are not finite numbers"
     try:
+        check_backbone(card["backbone"])
         check_loss_options(card["loss"], options)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         return str(err)
     names = card.get("class_names")
     if names is not None and (not isinstance(names, list) or len(names) != card["num_classes"]):

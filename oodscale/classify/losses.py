@@ -10,13 +10,15 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
+
+from oodscale.classify.loss_table import LOSSES, check_loss_options
+from oodscale.lazy import load
 
 
 class ClassifierHead(nn.Module, abc.ABC):
@@ -134,44 +136,24 @@ class AdaCosHead(ClassifierHead):
         return self.weight
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """One row of the loss table: how to build its head, and the options a config may pass
-    (anything else is a typo or would change what the head computes, e.g. its distance)."""
-
-    build: Callable[[int, int, dict[str, Any]], ClassifierHead]
-    options: tuple[str, ...] = ()
-    # the scores that read this head's own output, where OE acts (the paper's protocol)
-    head_scores: tuple[str, ...] = ("maxcos", "energy")
-
-
 def _pml(loss_cls: type[nn.Module]) -> Callable[[int, int, dict[str, Any]], ClassifierHead]:
     return lambda dim, classes, options: MetricLossHead(
         loss_cls(num_classes=classes, embedding_size=dim, **options))
 
 
-# The loss heads `train.losses` may name; the config validates against this table. Adding a
-# loss: its head class (if pml has none) and one row here.
-LOSSES: dict[str, LossSpec] = {
-    "softmax": LossSpec(lambda dim, classes, _: SoftmaxHead(dim, classes), (), ("msp",)),
-    "arcface": LossSpec(_pml(pml_losses.ArcFaceLoss), ("margin", "scale")),
-    "cosface": LossSpec(_pml(pml_losses.CosFaceLoss), ("margin", "scale")),
-    "sphereface": LossSpec(_pml(pml_losses.SphereFaceLoss), ("margin", "scale")),
-    "adacos": LossSpec(lambda dim, classes, _: AdaCosHead(dim, classes)),
-    "normsoftmax": LossSpec(_pml(pml_losses.NormalizedSoftmaxLoss), ("temperature",)),
-}
-LOSS_NAMES = tuple(LOSSES)  # the table's keys, in its order (tests parametrize over them)
+# The head builders `loss_table.LOSSES` names, one per loss.
+def softmax_head(dim: int, classes: int, _: dict[str, Any]) -> ClassifierHead:
+    return SoftmaxHead(dim, classes)
 
 
-def check_loss_options(name: str, options: dict[str, Any] | None = None) -> None:
-    """Refuse an unknown loss or an option its head does not take, listing the valid ones."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
-    allowed = LOSSES[name].options
-    unknown = sorted(set(options or {}) - set(allowed))
-    if unknown:
-        valid = ", ".join(allowed) if allowed else "none"
-        raise ValueError(f"unknown option(s) {unknown} for loss {name!r}; valid options: {valid}")
+def adacos_head(dim: int, classes: int, _: dict[str, Any]) -> ClassifierHead:
+    return AdaCosHead(dim, classes)
+
+
+arcface_head = _pml(pml_losses.ArcFaceLoss)
+cosface_head = _pml(pml_losses.CosFaceLoss)
+sphereface_head = _pml(pml_losses.SphereFaceLoss)
+normsoftmax_head = _pml(pml_losses.NormalizedSoftmaxLoss)
 
 
 def build_head(
@@ -179,7 +161,7 @@ def build_head(
 ) -> ClassifierHead:
     """Head for a loss name; `options` go to the pml constructor (margin, scale, temperature)."""
     check_loss_options(name, options)
-    return LOSSES[name].build(embedding_dim, num_classes, dict(options or {}))
+    return load(LOSSES[name].build)(embedding_dim, num_classes, dict(options or {}))
 
 
 def kl_to_uniform(logits: Tensor) -> Tensor:

@@ -7,13 +7,14 @@ adapts to small images, and the Wide-ResNet-40-2 of the outlier-exposure paper.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from oodscale.classify.backbone_table import BACKBONES, check_backbone
 from oodscale.classify.losses import ClassifierHead, build_head
+from oodscale.lazy import load
 
 # Images up to this size get a CIFAR-style stem (3×3 conv, stride 1, no max-pool), so a 16×16 or
 # 32×32 input is not reduced to 1×1 before the last stage.
@@ -196,20 +197,27 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-_BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
-    "smallcnn": lambda c, size, d: SmallCNN(c, d),
-    "resnet18": lambda c, size, d: ResNet(BasicBlock, (2, 2, 2, 2), c, size, d),
-    "resnet50": lambda c, size, d: ResNet(Bottleneck, (3, 4, 6, 3), c, size, d),
-    "wrn40_2": lambda c, size, d: WideResNet(40, 2, c, d, WRN_DROPOUT),
-}
-BACKBONE_NAMES = tuple(_BUILDERS)
+# The builders `backbone_table.BACKBONES` names: (in channels, image size, embedding dim).
+def small_cnn(c: int, size: int, d: int) -> nn.Module:
+    return SmallCNN(c, d)
+
+
+def resnet18(c: int, size: int, d: int) -> nn.Module:
+    return ResNet(BasicBlock, (2, 2, 2, 2), c, size, d)
+
+
+def resnet50(c: int, size: int, d: int) -> nn.Module:
+    return ResNet(Bottleneck, (3, 4, 6, 3), c, size, d)
+
+
+def wrn40_2(c: int, size: int, d: int) -> nn.Module:
+    return WideResNet(40, 2, c, d, WRN_DROPOUT)
 
 
 def build_backbone(name: str, in_channels: int, image_size: int, embedding_dim: int) -> nn.Module:
     """Module mapping (B, C, H, W) images in [-1, 1] to (B, embedding_dim) embeddings."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)}")
-    backbone = _BUILDERS[name](in_channels, image_size, embedding_dim)
+    backbone = load(BACKBONES[check_backbone(name)].build)(in_channels, image_size,
+                                                           embedding_dim)
     _init_weights(backbone)
     return backbone
 

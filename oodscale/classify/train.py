@@ -37,7 +37,8 @@ from oodscale.distributed import (
     resumed_state,
     run_trainer,
 )
-from oodscale.outliers import OutlierSource, OutlierStream, generator_sources, parse_source
+from oodscale.outlier_sources import OutlierSource, generator_sources, parse_source
+from oodscale.outliers import OutlierStream
 from oodscale.progress import epoch_progress
 from oodscale.runtime import (
     RunLayout,
@@ -187,7 +188,7 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
         final = {**card, "epoch": t.epochs - 1, "step": t.epochs * steps, "train": summary}
         with tempfile.TemporaryDirectory() as tmp:
             save_classifier(accelerator.unwrap_model(model), final, Path(tmp))
-            publish_dir(layout.storage, tmp, layout.classifier_dir(card["run"]))
+            publish_dir(layout.storage, tmp, layout.classifier_dir(card["run"]), last=(CARD,))
         print(f"[oodscale] trained {card['run']}", flush=True)
 
 

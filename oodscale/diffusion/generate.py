@@ -33,7 +33,7 @@ from oodscale.diffusion.sample import (
     sampling_autocast,
     scheduler_for,
 )
-from oodscale.outliers import generator_sources, synthetic_dirname
+from oodscale.outlier_sources import generator_sources, synthetic_dirname
 from oodscale.progress import track
 from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
 

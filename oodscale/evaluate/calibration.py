@@ -21,7 +21,8 @@ from oodscale.classify.checkpoints import WEIGHTS, LoadedClassifier
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths
 from oodscale.data.validation import VAL_SPLIT
-from oodscale.evaluate.detectors import ScoreSet, check_score_name, needs_fit
+from oodscale.evaluate.detectors import ScoreSet
+from oodscale.evaluate.score_table import check_score_name, needs_fit
 from oodscale.runtime import RunLayout, Storage, StorageRoot, open_storage
 
 CALIBRATION = "calibration.json"

@@ -19,6 +19,7 @@ from oodscale.evaluate.intervals import ID_ACC_MARGIN
 CLAIM_COLUMNS = ["protocol", "claim", "loss", "outliers", "group", "metric", "diff", "ci_low",
                  "ci_high", "verdict"]
 METRIC_NAMES = {"fpr95": "FPR95", "auroc": "AUROC", "id_acc": "ID acc"}
+GROUP_ORDER = {"near": 0, "far": 1}
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,11 @@ def claims_summary(claims: pd.DataFrame) -> pd.DataFrame:
     and each loss's effect with its interval."""
     rows = []
     order = {c.text: i for i, c in enumerate(CLAIMS)}
+    protocols = {"paper": 0, "openood": 1}  # the head's own output first: where OE acts
     keys = ["claim", "protocol", "group", "metric"]
-    for key, part in sorted(claims.groupby(keys, sort=False),
-                            key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2], kv[0][3])):
+    for key, part in sorted(claims.groupby(keys, sort=False), key=lambda kv: (
+            order[kv[0][0]], protocols.get(kv[0][1], 2), GROUP_ORDER.get(kv[0][2], 2),
+            kv[0][3] != "fpr95")):
         info = dict(zip(keys, key, strict=True))
         counts = part["verdict"].value_counts()
         effects = "; ".join(f"{r.loss} {r.diff:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}] "

@@ -14,7 +14,7 @@ computes built-in and pytorch-ood scores alike from one forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from oodscale.classify.models import Activations, OODClassifier
-from oodscale.evaluate.pood import POOD_PREFIX, POOD_SCORE_NAMES, PoodScore, pood_spec
+from oodscale.evaluate.pood import PoodScore
+from oodscale.evaluate.score_table import SCORE_NAMES, SCORES, needs_fit
+from oodscale.lazy import load
 
 
 @dataclass(frozen=True)
@@ -35,30 +37,6 @@ class ScoreInputs:
     fitted: FittedFeatures | None
     temperature: float
     chunk: int
-
-
-@dataclass(frozen=True)
-class ScoreSpec:
-    fit: bool  # needs statistics of the ID training split (`fit_features`)
-    reads: str  # what of the network it reads, for the report
-    compute: Callable[[ScoreInputs], torch.Tensor]
-
-
-def check_score_name(name: str) -> str:
-    """`name` if it is a built-in score or a known `pood:<Name>`; else a ValueError that lists
-    every valid name (and, for a pood name without pytorch-ood, how to install it)."""
-    if name in SCORES:
-        return name
-    if name.startswith(POOD_PREFIX):
-        pood_spec(name)
-        return name
-    raise ValueError(f"unknown score {name!r}; valid names: {', '.join(SCORE_NAMES)}, "
-                     f"{', '.join(POOD_SCORE_NAMES)}")
-
-
-def needs_fit(name: str) -> bool:
-    """Whether the score learns from the ID training split before scoring."""
-    return SCORES[name].fit if name in SCORES else pood_spec(name).fit
 
 
 @dataclass
@@ -179,31 +157,36 @@ def _maxcos_score(emb: torch.Tensor, class_weights: torch.Tensor | None) -> torc
     return (F.normalize(emb.float(), dim=1) @ w.T).max(dim=1).values
 
 
-def _mahalanobis_normed(x: ScoreInputs) -> torch.Tensor:
+def mahalanobis_normed_score(x: ScoreInputs) -> torch.Tensor:
     if x.fitted.normed_means is None:
         raise ValueError("score 'mahalanobis_normed' needs features fitted with normed=True")
     return _mahalanobis_score(F.normalize(x.embeddings.float(), dim=1), x.fitted.normed_means,
                               x.fitted.normed_precision, x.chunk)
 
 
-# The built-in scores; with `pood:<Name>` for each row of `POOD_DETECTORS`, the names
-# `evaluate.scores` accepts (the config validates against `check_score_name`). Adding a score:
-# its function and one row here.
-SCORES: dict[str, ScoreSpec] = {
-    "msp": ScoreSpec(False, "softmax probabilities", lambda x: torch.softmax(
-        x.logits / x.temperature, dim=1).max(dim=1).values),
-    "maxlogit": ScoreSpec(False, "logits", lambda x: x.logits.max(dim=1).values),
-    "energy": ScoreSpec(False, "logits", lambda x: x.temperature * torch.logsumexp(
-        x.logits / x.temperature, dim=1)),
-    "maxcos": ScoreSpec(False, "cosines to the class weights",
-                        lambda x: _maxcos_score(x.embeddings, x.class_weights)),
-    "knn": ScoreSpec(True, "the normalised embedding",
-                     lambda x: _knn_score(x.embeddings, x.fitted, x.chunk)),
-    "mahalanobis": ScoreSpec(True, "the raw embedding", lambda x: _mahalanobis_score(
-        x.embeddings, x.fitted.class_means, x.fitted.precision, x.chunk)),
-    "mahalanobis_normed": ScoreSpec(True, "the normalised embedding", _mahalanobis_normed),
-}
-SCORE_NAMES = tuple(SCORES)  # the built-in names, in the table's order
+# The functions `score_table.SCORES` names, one per built-in score.
+def msp_score(x: ScoreInputs) -> torch.Tensor:
+    return torch.softmax(x.logits / x.temperature, dim=1).max(dim=1).values
+
+
+def maxlogit_score(x: ScoreInputs) -> torch.Tensor:
+    return x.logits.max(dim=1).values
+
+
+def energy_score(x: ScoreInputs) -> torch.Tensor:
+    return x.temperature * torch.logsumexp(x.logits / x.temperature, dim=1)
+
+
+def maxcos_score(x: ScoreInputs) -> torch.Tensor:
+    return _maxcos_score(x.embeddings, x.class_weights)
+
+
+def knn_score(x: ScoreInputs) -> torch.Tensor:
+    return _knn_score(x.embeddings, x.fitted, x.chunk)
+
+
+def mahalanobis_score(x: ScoreInputs) -> torch.Tensor:
+    return _mahalanobis_score(x.embeddings, x.fitted.class_means, x.fitted.precision, x.chunk)
 
 
 def compute_scores(
@@ -232,7 +215,7 @@ def compute_scores(
     with torch.no_grad():
         inputs = ScoreInputs(logits.detach().double(), embeddings.detach(), class_weights,
                              fitted, temperature, chunk)
-        result = {name: SCORES[name].compute(inputs) for name in names}
+        result = {name: load(SCORES[name].compute)(inputs) for name in names}
     return {name: s.cpu().numpy().astype(np.float64) for name, s in result.items()}
 
 

@@ -18,73 +18,17 @@ import logging
 import pickle
 import sys
 import types
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from oodscale.classify.models import Activations, OODClassifier
+from oodscale.evaluate.score_table import INSTALL_HINT, POOD_PREFIX, pood_spec
 
 log = logging.getLogger(__name__)
-
-POOD_PREFIX = "pood:"
-INSTALL_HINT = "pip install 'oodscale[pood]'"
-
-# What a detector reads:
-#   logits             the head's logits (predict_logits / fit_logits)
-#   embeddings         the backbone's output, the head's input (predict_features / fit_features)
-#   embeddings+head    the same, plus the head as the detector's `head` callable
-#   linear             features f and a linear layer (W, b) with logits = f W^T + b, found by
-#                      probing the head (`linear_view`): ViM and DICE need that layer
-#   pooled+head        pooled penultimate activations as B x F x 1 x 1 maps, plus the rest of
-#                      the network (embedding layer and head) as `head`: activation shaping
-Reads = Literal["logits", "embeddings", "embeddings+head", "linear", "pooled+head"]
-
-
-@dataclass(frozen=True)
-class PoodSpec:
-    reads: Reads
-    fit: bool  # fitted on the ID training split before scoring
-    options: dict[str, Any] = field(default_factory=dict)  # constructor keywords
-
-
-# The pytorch-ood detectors `evaluate.scores` may name as `pood:<Name>` (the class names in
-# `pytorch_ood.detector`). Adding one: a row here, with what it reads.
-POOD_DETECTORS: dict[str, PoodSpec] = {
-    "MaxSoftmax": PoodSpec("logits", False),
-    "EnergyBased": PoodSpec("logits", False),
-    "MaxLogit": PoodSpec("logits", False),
-    "Entropy": PoodSpec("logits", False),
-    "GEN": PoodSpec("logits", False),
-    "KLMatching": PoodSpec("logits", True),
-    "KNN": PoodSpec("embeddings", True),
-    "Mahalanobis": PoodSpec("embeddings", True),
-    "RMD": PoodSpec("embeddings", True),
-    "NNGuide": PoodSpec("embeddings+head", True),
-    "SHE": PoodSpec("embeddings+head", True),
-    "ViM": PoodSpec("linear", True),
-    "DICE": PoodSpec("linear", True, {"p": 0.9}),  # sparsity of the DICE paper's CIFAR runs
-    "ReAct": PoodSpec("pooled+head", True),
-    "ASH": PoodSpec("pooled+head", False),
-    "SCALE": PoodSpec("pooled+head", False),
-}
-POOD_SCORE_NAMES = tuple(POOD_PREFIX + name for name in POOD_DETECTORS)
-
-
-def pood_spec(score_name: str) -> PoodSpec:
-    """The table row of `pood:<Name>`; a clear error for a name pytorch-ood (or the table) lacks,
-    or when pytorch-ood is not installed."""
-    name = score_name.removeprefix(POOD_PREFIX)
-    if name not in POOD_DETECTORS:
-        raise ValueError(f"unknown pytorch-ood detector {score_name!r}; valid names: "
-                         f"{', '.join(POOD_SCORE_NAMES)}")
-    if importlib.util.find_spec("pytorch_ood") is None:
-        raise ValueError(f"score {score_name!r} needs pytorch-ood, which is not installed: "
-                         f"{INSTALL_HINT}")
-    return POOD_DETECTORS[name]
-
 
 def _detector_module() -> types.ModuleType:
     """`pytorch_ood.detector`, also where torchvision does not import.

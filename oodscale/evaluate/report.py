@@ -23,6 +23,7 @@ from oodscale.evaluate.metrics import id_accuracy, mean_std, ood_metrics
 RUN_KEYS = ["run", "loss", "outliers", "seed"]
 METRICS = ["fpr95", "auroc", "aupr_in", "aupr_out"]
 METRIC_LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
+SUMMARY_LABELS = {**METRIC_LABELS, "fpr95_id_positive": "FPR95 (ID+)"}
 RESULT_COLUMNS = [
     *RUN_KEYS, "score_name", "ood_set", "group", *METRICS, "fpr95_id_positive", "id_acc",
 ]
@@ -72,9 +73,10 @@ def aggregate(scores: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
 def _per_seed(results: pd.DataFrame) -> pd.DataFrame:
     """Per run and score: each group's metrics averaged over its OOD sets (wide columns)."""
     keys = [*RUN_KEYS, "score_name"]
-    wide = results.groupby([*keys, "group"])[METRICS].mean().unstack("group")
-    wide.columns = [f"{g} {METRIC_LABELS[m]}" for m, g in wide.columns]
-    ordered = [f"{g} {METRIC_LABELS[m]}" for g in GROUPS for m in METRICS]
+    metrics = [*METRICS, "fpr95_id_positive"]  # both FPR95 conventions side by side
+    wide = results.groupby([*keys, "group"])[metrics].mean().unstack("group")
+    wide.columns = [f"{g} {SUMMARY_LABELS[m]}" for m, g in wide.columns]
+    ordered = [f"{g} {SUMMARY_LABELS[m]}" for g in GROUPS for m in metrics]
     wide = wide[[c for c in ordered if c in wide.columns]]
     wide[ID_ACC_LABEL] = results.groupby(keys)["id_acc"].first()
     return wide.reset_index()
@@ -128,7 +130,7 @@ def _bold(table: pd.DataFrame, best: pd.DataFrame | None) -> pd.DataFrame:
 
 def head_scores(loss: str) -> tuple[str, ...]:
     """The scores that read a loss's own head output (the loss table's row)."""
-    from oodscale.classify.losses import LOSSES
+    from oodscale.classify.loss_table import LOSSES
 
     return LOSSES[loss].head_scores if loss in LOSSES else ()
 
@@ -343,7 +345,7 @@ def _forest_plot(comparisons: pd.DataFrame, protocol: str, path: str) -> bool:
 
 def conventions(results: pd.DataFrame, scores: pd.DataFrame) -> list[str]:
     """The report's convention notes, one Markdown sentence group each."""
-    from oodscale.evaluate.detectors import SCORES
+    from oodscale.evaluate.score_table import SCORES
 
     sets = {g: sorted(results.loc[results["group"] == g, "ood_set"].unique()) for g in GROUPS}
     listing = "; ".join(f"{g}: {', '.join(s) if s else '(none)'}" for g, s in sets.items())
@@ -357,8 +359,8 @@ def conventions(results: pd.DataFrame, scores: pd.DataFrame) -> list[str]:
         "the OOD samples. AUROC and AUPR-Out rank OOD as positive; AUPR-In ranks ID as "
         "positive.",
         "FPR95 (ID+), the energy/ODIN papers' convention with ID positive: share of OOD "
-        "samples accepted at the threshold that accepts 95 % of ID; in the per-set table "
-        "and as `fpr95_id_positive` in `results.parquet`.",
+        "samples accepted at the threshold that accepts 95 % of ID; in every table beside "
+        "FPR95 and as `fpr95_id_positive` in `results.parquet`.",
         "All values are in %. Near/far: each group's metrics are averaged over its OOD "
         "sets, then mean ± std (ddof=0) over seeds. " + listing + ".",
         "What each score reads: " + reads + ". OE trains the head's output; no loss term "

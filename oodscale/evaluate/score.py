@@ -25,11 +25,11 @@ from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths, try_read_manifest
 from oodscale.data.streams import read_shards
 from oodscale.data.validation import VAL_SPLIT
-from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train, needs_fit
-from oodscale.evaluate.pood import POOD_PREFIX, pood_spec
+from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train
 from oodscale.evaluate.report import aggregate, write_report
 from oodscale.evaluate.report_html import provenance
-from oodscale.outliers import synthetic_dirname
+from oodscale.evaluate.score_table import POOD_PREFIX, needs_fit, pood_spec
+from oodscale.outlier_sources import synthetic_dirname
 from oodscale.progress import track
 from oodscale.runtime import RunLayout, StorageRoot, open_storage, require_gpus, resolve_use_gpu
 
