@@ -708,3 +708,33 @@ def test_unreadable_image_errors_say_why_in_words(tmp_path):
         with pytest.raises(BadImageError, match=f"cannot decode image {path}: {why}") as caught:
             training_images([path], 16, 1)
         assert "BytesIO" not in str(caught.value)
+
+
+def test_predict_reads_keys_with_odd_characters_on_s3(s3_server, tmp_path):
+    """Object-store keys with a space, '#', '%41' and '?' on a real S3-compatible server: the
+    classifier and the images are read through (filesystem, key) pairs, never a rebuilt URI
+    (which pyarrow would refuse, cut at '#', or decode '%41' as 'A')."""
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from oodscale.predict import PredictRequest, predict
+    from oodscale.runtime import layout_for
+
+    root = s3_server("oddkeys")
+    storage = open_storage(root)
+    hand_calibrated(tmp_path / "local")
+    pafs.copy_files(str(tmp_path / "local"), storage.base,
+                    source_filesystem=pafs.LocalFileSystem(), destination_filesystem=storage.fs)
+    names = [f"{ODD}.png", "plain.png"]
+    for name in names:
+        with storage.fs.open_output_stream(storage.path("images", name)) as f:
+            f.write(_png_bytes(60))
+    cfg = load_config(CONFIG, [f"storage.root={root}"])
+    out = tmp_path / "rows.csv"
+    folder = root.replace("/root?", "/root/images?")
+    summary = predict(cfg, layout_for(cfg), PredictRequest("x-none-s0", None, str(out),
+                                                           [folder]))
+    rows = pd.read_csv(out)
+    assert sorted(rows["path"]) == sorted(storage.uri_of(storage.path("images", n))
+                                          for n in names)
+    assert rows["error"].isna().all() and rows["score"].notna().all(), summary
