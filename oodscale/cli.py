@@ -20,7 +20,7 @@ from typing import Any
 from oodscale import tracking
 from oodscale.config import ConfigError, ExperimentConfig, load_config
 from oodscale.diffusion.generators import GENERATORS
-from oodscale.errors import named_error
+from oodscale.errors import MissingError, named_error
 from oodscale.outlier_sources import generator_sources, synthetic_dirname
 from oodscale.runtime import RunLayout, init_ray, layout_for
 
@@ -94,7 +94,7 @@ def _claims(cfg: ExperimentConfig, layout: RunLayout) -> str:
 
     path = f"{layout.eval_dir}/claims.parquet"
     if not layout.storage.exists(path):
-        raise FileNotFoundError(f"{layout.storage.uri_of(path)} not found: run `oodscale "
+        raise MissingError(f"{layout.storage.uri_of(path)} not found: run `oodscale "
                                 "evaluate` (or `oodscale report`) first")
     summary = claims_summary(pd.read_parquet(io.BytesIO(layout.storage.read_bytes(path))))
     if summary.empty:

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from oodscale.errors import InputError
+
 
 def _known_loss(name: str) -> str:
     from oodscale.classify.loss_table import check_loss_options  # the loss table
@@ -104,7 +106,7 @@ def _no_credentials_in_address(address: str | None) -> str | None:
 Location = Annotated[str, AfterValidator(_no_credentials)]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot run; the message names the key and what to do."""
 
 

@@ -27,6 +27,7 @@ from oodscale.classify.checkpoints import CARD
 from oodscale.data.builtin import resize
 from oodscale.data.images import DEFAULT_LIMITS, ImageLimits, read_image_bytes
 from oodscale.data.sources import decode_image
+from oodscale.errors import InputError
 from oodscale.evaluate.calibration import ScoreReader, read_calibration
 from oodscale.runtime import Storage, open_storage
 
@@ -44,11 +45,11 @@ class Prediction:
 
 def _from_array(array: np.ndarray, size: int, channels: int, source: str) -> np.ndarray:
     if array.dtype != np.uint8:
-        raise ValueError(f"image {source} is {array.dtype}; pass uint8 pixels (0-255)")
+        raise InputError(f"image {source} is {array.dtype}; pass uint8 pixels (0-255)")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ValueError(f"image {source} has shape {array.shape}; expected H×W, H×W×3 or "
+        raise InputError(f"image {source} has shape {array.shape}; expected H×W, H×W×3 or "
                          f"H×W×4")
     return resize(array, size, channels)
 
@@ -132,7 +133,7 @@ class Detector:
             if score not in calibration["scores"]:
                 score, chosen = calibration["default_score"], "detector.score"
         if score not in calibration["scores"]:
-            raise ValueError(f"score {score!r} has no calibrated threshold for "
+            raise InputError(f"score {score!r} has no calibrated threshold for "
                              f"{classifier_dir}; calibrated: {', '.join(calibration['scores'])} "
                              f"(add it to evaluate.scores and run `oodscale calibrate CONFIG`)")
         gpu = torch.cuda.is_available() if use_gpu is None else use_gpu

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from oodscale.errors import SetupError
+
 
 def worker_device(use_gpu: bool) -> torch.device:
     """The device of a Ray actor or task that asked for `num_gpus=1` when `use_gpu`.
@@ -22,7 +24,7 @@ def worker_device(use_gpu: bool) -> torch.device:
     if not use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("this worker was scheduled as a GPU worker but torch sees no CUDA "
+        raise SetupError("this worker was scheduled as a GPU worker but torch sees no CUDA "
                            "device; check the node's drivers (nvidia-smi) and that torch is a "
                            "CUDA build, or set the stage's use_gpu=false")
     return torch.device("cuda", torch.cuda.current_device())

@@ -1,14 +1,36 @@
-"""The error a user should see when a stage fails: ours, not Ray's wrapping of it.
+"""A user's mistakes, told apart from bugs, and the one a user should see when a stage fails.
+
+Every error that says what the user gave wrong and what to do derives from `UserError`
+(`ConfigError`, `ShardError`, `StorageError`, `LockedError`, `InputError`, `MissingError`,
+`SetupError`): the CLI prints its message in one line. Anything else is a bug (torch's
+RuntimeError for a shape or device mismatch, a KeyError, ...) and keeps its whole traceback.
 
 An error raised in a Ray task, actor or Train worker reaches the driver wrapped (RayTaskError,
-UserCodeException, TrainingFailedError, ...), its message a remote traceback. The named error
-that says what is wrong and what to do (ShardError, StorageError, a ValueError naming a config
-key) is further down the chain; the CLI prints that one.
+UserCodeException, TrainingFailedError, ...), its message a remote traceback; the user's error
+is further down the chain, and `named_error` finds it.
 """
 
 from __future__ import annotations
 
-NAMED = (FileNotFoundError, ValueError, RuntimeError)
+
+class UserError(Exception):
+    """A mistake in what the user gave or set up; its message names the thing and the fix."""
+
+
+class InputError(UserError, ValueError):
+    """A value, file or data set the user gave that cannot work."""
+
+
+class MissingError(UserError, FileNotFoundError):
+    """Something a stage needs is not there (a path, an earlier stage's output)."""
+
+
+class SetupError(UserError, RuntimeError):
+    """The environment lacks what was asked for (a package, a GPU, a Ray cluster)."""
+
+
+# Python's own FileNotFoundError names the missing path, which is all a user needs
+NAMED = (UserError, FileNotFoundError)
 
 
 def _is_ray_wrapper(err: BaseException) -> bool:

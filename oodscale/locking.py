@@ -48,6 +48,7 @@ import psutil
 import pyarrow.fs as pafs
 
 from oodscale import runtime
+from oodscale.errors import UserError
 from oodscale.runtime import RunLayout, Storage
 
 LOCK = ".oodscale.lock"
@@ -59,7 +60,7 @@ STALE_AFTER_S = 300.0
 OWNER_ENV = "OODSCALE_LOCK_OWNER"
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another live run holds the experiment root; the message names it."""
 
 

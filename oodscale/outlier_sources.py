@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from oodscale.errors import InputError
+
 
 @dataclass(frozen=True)
 class SourceFamily:
@@ -62,7 +64,7 @@ class OutlierSource:
     def dirname(self) -> str:
         """The run directory of a generator source's shards, named by its own settings."""
         if self.guidance is None:
-            raise ValueError(f"outlier source {self.family!r} has no shards of its own")
+            raise InputError(f"outlier source {self.family!r} has no shards of its own")
         return synthetic_dirname(self.guidance) + ("-filtered" if self.filtered else "")
 
     @property
@@ -87,7 +89,7 @@ def parse_source(name: str, default_guidance: float) -> OutlierSource:
         return OutlierSource(family, float(w) if w else default_guidance,
                              bool(match.groupdict().get("filtered")))
     valid = ", ".join(spec.syntax for spec in SOURCES.values())
-    raise ValueError(f"unknown outlier source {name!r}; valid: {valid}")
+    raise InputError(f"unknown outlier source {name!r}; valid: {valid}")
 
 
 def check_source_name(name: str) -> str:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from oodscale.data.streams import to_model_input
 from oodscale.devices import device_generator
+from oodscale.errors import InputError
 from oodscale.lazy import load
 from oodscale.outlier_sources import SOURCES, parse_source
 
@@ -59,9 +60,9 @@ class OutlierStream:
         self.family = SOURCES[self.source.family]
         self.batch = load(self.family.batch)
         if self.family.needs_generator and synthetic is None:
-            raise ValueError(f"outlier source {source!r} needs the synthetic shards' batches")
+            raise InputError(f"outlier source {source!r} needs the synthetic shards' batches")
         if num_classes < self.family.min_classes:
-            raise ValueError(f"{self.source.family} mixes images of {self.family.min_classes} "
+            raise InputError(f"{self.source.family} mixes images of {self.family.min_classes} "
                              f"different classes; the ID data has {num_classes}")
         self.count, self.synthetic = count, synthetic
         self.generator = device_generator(seed, device)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from oodscale.config import ExperimentConfig
 from oodscale.data.images import IMAGE_SUFFIXES, BadImageError, ImageLimits, list_folder
+from oodscale.errors import InputError, MissingError
 from oodscale.runtime import RunLayout, Storage, open_storage
 
 
@@ -53,11 +54,11 @@ def iter_image_paths(paths: list[str], skipped: list[str] | None = None) -> Iter
         storage = open_storage(path)
         info = storage.fs.get_file_info(storage.base)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{path} not found")
+            raise MissingError(f"{path} not found")
         if info.type == pafs.FileType.Directory:
             listing = list_folder(storage, storage.base)
             if not listing.files:
-                raise ValueError(" ".join([f"folder {path} holds no images with suffixes "
+                raise InputError(" ".join([f"folder {path} holds no images with suffixes "
                                            f"{sorted(IMAGE_SUFFIXES)}", *listing.skipped()]))
             if skipped is not None:
                 skipped += [f"{path}: {line}" for line in listing.skipped()]
@@ -87,7 +88,7 @@ def resolve_run(cfg: ExperimentConfig, layout: RunLayout, run: str | None) -> st
         return layout.classifier_dir(run)
     have = ", ".join(trained) if trained else "none yet: run `oodscale train` first"
     asked = f"run {run!r} is not" if run else "--run is required:"
-    raise ValueError(f"{asked} a trained classifier of experiment {cfg.name} under "
+    raise InputError(f"{asked} a trained classifier of experiment {cfg.name} under "
                      f"{storage.uri_of(layout.classifiers_dir)}; trained: {have}")
 
 
@@ -169,7 +170,7 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
     from oodscale.detector import Detector
 
     if not request.paths:
-        raise ValueError("give at least one image file or folder to score")
+        raise InputError("give at least one image file or folder to score")
     directory = resolve_run(cfg, layout, request.run)
     detector = Detector.load(layout.storage.at(directory), request.score,
                              batch_size=cfg.evaluate.batch_size,

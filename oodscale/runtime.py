@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from oodscale.config import ExperimentConfig
+from oodscale.errors import InputError, SetupError, UserError
 from oodscale.uris import refuse_credentials
 
 # Checks run before every `Storage.write_bytes_atomic` and model publish in this process (the
@@ -34,7 +35,7 @@ def check_write_guards() -> None:
         guard()
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A write to the storage root failed (read-only, full, no permission): names the file."""
 
 
@@ -214,7 +215,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, verbose: bool = 
         try:
             refuse_credentials(target, address=True)
         except ValueError as err:
-            raise ValueError(f"the Ray address (--address, ray.address or RAY_ADDRESS) "
+            raise InputError(f"the Ray address (--address, ray.address or RAY_ADDRESS) "
                              f"{err}") from None
     else:
         refuse_open_host(cfg.ray.host)
@@ -257,7 +258,7 @@ def refuse_open_host(host: str) -> None:
     that address run code here: ValueError."""
     if not is_loopback(host) and os.environ.get("RAY_AUTH_MODE", "").strip().lower() == \
             "disabled":
-        raise ValueError(
+        raise InputError(
             f"ray.host={host} would let other machines reach this job's Ray, and "
             f"RAY_AUTH_MODE=disabled turns its token authentication off: unset RAY_AUTH_MODE "
             f"(token auth is Ray's default) or keep ray.host=127.0.0.1")
@@ -299,7 +300,7 @@ def probe_ray_address(target: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as err:
-        raise RuntimeError(f"no Ray cluster answers at {target} ({err}); start it (e.g. "
+        raise SetupError(f"no Ray cluster answers at {target} ({err}); start it (e.g. "
                            f"cluster/start-local-head.sh) or fix --address / RAY_ADDRESS / "
                            f"ray.address (leave all three unset to start a local Ray)") from None
 
@@ -322,7 +323,7 @@ def require_gpus(count: int, key: str) -> None:
     message = (f"{key}={count} asks for {count} one-GPU actors but the cluster has {have} "
                f"GPU(s); set {key}={max(have, 1)} or add GPU nodes")
     if _LOCAL_RAY_STARTED:
-        raise ValueError(message)
+        raise InputError(message)
     print(f"[oodscale] warning: {message}; waiting for an autoscaler to add them", flush=True)
 
 

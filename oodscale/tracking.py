@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from oodscale.config import ExperimentConfig
+from oodscale.errors import SetupError
 from oodscale.runtime import RunLayout
 
 RESULT_METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
@@ -48,7 +49,7 @@ def _connect(cfg: ExperimentConfig) -> _Tracker:
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
-        raise RuntimeError("tracking.mlflow_uri is set but mlflow is not installed: "
+        raise SetupError("tracking.mlflow_uri is set but mlflow is not installed: "
                            "pip install 'oodscale[mlflow]' (or unset tracking.mlflow_uri)"
                            ) from None
     if "://" not in uri or uri.startswith("file:"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
 
+from oodscale.errors import InputError
+
 # query keys that pyarrow (S3: access_key, secret_key, session_token; GCS: access_token) and
 # other clients take as credentials
 SECRET_QUERY_KEYS = frozenset({"access_key", "secret_key", "session_token", "access_token",
@@ -44,5 +46,5 @@ def refuse_credentials(location: str | None, address: bool = False) -> str | Non
     if location is not None:
         found = credential_in(location, address)
         if found:
-            raise ValueError(f"holds {found}; {WHERE_CREDENTIALS_GO}")
+            raise InputError(f"holds {found}; {WHERE_CREDENTIALS_GO}")
     return location

@@ -13,6 +13,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from oodscale.errors import InputError, MissingError
+
 PICKLE_PROTOCOL_MARK = b"\x80"  # the first byte of a pickle stream of protocol 2 or later
 
 
@@ -20,19 +22,19 @@ def require_safetensors(path: Path) -> None:
     """Refuse, by name, a missing file, a pickle or anything else that is not safetensors (the
     header is parsed; the tensors are not read)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: oodscale reads weights from safetensors files "
+        raise MissingError(f"{path} missing: oodscale reads weights from safetensors files "
                                 f"only; rerun the stage that writes it")
     with path.open("rb") as f:
         head = f.read(1)
     if head == PICKLE_PROTOCOL_MARK or zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is a pickle (torch.save), not safetensors; oodscale never "
+        raise InputError(f"{path} is a pickle (torch.save), not safetensors; oodscale never "
                          f"unpickles weights. Convert it with safetensors.torch.save_file("
                          f"state_dict, ...) or retrain")
     try:
         with safe_open(str(path), "pt"):
             pass
     except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); rerun the stage "
+        raise InputError(f"{path} is not a readable safetensors file ({err}); rerun the stage "
                          f"that writes it") from None
 
 

@@ -37,3 +37,35 @@ def test_a_train_workers_error_is_found():
 def test_a_bug_is_not_named():
     assert named_error(_RayWrapper("boom")) is None
     assert named_error(KeyError("x")) is None
+
+
+def test_the_users_mistakes_share_one_base_and_a_torch_bug_is_not_one():
+    from oodscale.config import ConfigError
+    from oodscale.errors import InputError, MissingError, SetupError, UserError
+    from oodscale.locking import LockedError
+
+    for kind in (ConfigError, ShardError, StorageError, LockedError, InputError, MissingError,
+                 SetupError):
+        assert issubclass(kind, UserError), kind
+        assert named_error(kind("named")) is not None
+    # what torch raises for a shape or device mismatch: a bug, whose traceback must show
+    shape_bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)")
+    assert named_error(shape_bug) is None
+    assert named_error(ValueError("a bare ValueError from a library")) is None
+
+
+def test_the_cli_prints_a_bugs_traceback(monkeypatch, capsys):
+    import pytest
+
+    from oodscale import cli
+
+    def broken(cfg, layout):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setitem(cli.STAGES, "status", broken)
+    with pytest.raises(RuntimeError, match="mat1"):
+        cli.main(["status", "configs/digits.yaml"])
+    monkeypatch.setitem(cli.STAGES, "status", lambda cfg, layout: (_ for _ in ()).throw(
+        ShardError("shard a.tar is corrupt; rerun `oodscale prepare`")))
+    assert cli.main(["status", "configs/digits.yaml"]) == 1
+    assert "error: shard a.tar is corrupt" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from oodscale.data.shards import (
     write_manifest,
 )
 from oodscale.data.shards import write_shard as write_one_shard
+from oodscale.errors import InputError
 from oodscale.runtime import RunLayout, open_storage, require_gpus
 
 
@@ -97,7 +98,7 @@ def filter_synthetic(layout: RunLayout, source_dir: str, dest_dir: str, classifi
     total = sum(int(r["total"]) for r in results)
     kept = sum(int(r["count"]) for r in results)
     if kept == 0:
-        raise ValueError(f"the ambiguity filter kept no sample of {total} at tau={tau}: the "
+        raise InputError(f"the ambiguity filter kept no sample of {total} at tau={tau}: the "
                          f"plain classifier is sure of every one; raise generate.filter_tau")
     manifest = Manifest(
         kind="synthetic", split="labelmix-filtered", image_size=source.image_size,

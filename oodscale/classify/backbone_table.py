@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from oodscale.errors import InputError
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -28,5 +30,5 @@ BACKBONE_NAMES = tuple(BACKBONES)
 def check_backbone(name: str) -> str:
     """`name` if the table has it, else an error listing the valid names."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)}")
+        raise InputError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)}")
     return name

@@ -20,6 +20,7 @@ from oodscale.classify.losses import build_head
 from oodscale.classify.models import Activations, OODClassifier, build_backbone, build_classifier
 from oodscale.data.streams import to_model_input
 from oodscale.devices import worker_device
+from oodscale.errors import InputError, MissingError
 from oodscale.runtime import Storage, StorageRoot, open_storage
 from oodscale.weights import load_weights, require_safetensors
 
@@ -122,7 +123,7 @@ def check_card(card: Any, directory: Path) -> dict[str, Any]:
             problem = (f"tensor {key} is {header.get(key, 'absent')} in {weights.name} but "
                        f"{expected.get(key, 'absent')} in the model the card describes")
     if problem is not None:
-        raise ValueError(f"{card_path} does not describe the weights beside it: {problem}; "
+        raise InputError(f"{card_path} does not describe the weights beside it: {problem}; "
                          f"the card or the weights were altered or mixed up. Delete "
                          f"{directory} and rerun `oodscale train`")
     return card
@@ -133,12 +134,12 @@ def load_classifier(directory: Path) -> tuple[OODClassifier, dict[str, Any]]:
     checked against the weights' header before the model is built (`check_card`)."""
     card_path = directory / CARD
     if not card_path.is_file():
-        raise FileNotFoundError(f"{card_path} missing: that classifier run did not finish; "
+        raise MissingError(f"{card_path} missing: that classifier run did not finish; "
                                 f"rerun `oodscale train`")
     try:
         card = json.loads(card_path.read_text())
     except ValueError as err:
-        raise ValueError(f"{card_path} is not valid JSON ({err}); delete {directory} and "
+        raise InputError(f"{card_path} is not valid JSON ({err}); delete {directory} and "
                          f"rerun `oodscale train`") from None
     model = classifier_from_card(check_card(card, directory))
     model.load_state_dict(load_weights(directory / WEIGHTS))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from oodscale.errors import InputError
+
 
 @dataclass(frozen=True)
 class LossSpec:
@@ -36,9 +38,9 @@ LOSS_NAMES = tuple(LOSSES)  # the table's keys, in its order (tests parametrize 
 def check_loss_options(name: str, options: dict[str, Any] | None = None) -> None:
     """Refuse an unknown loss or an option its head does not take, listing the valid ones."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+        raise InputError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
     allowed = LOSSES[name].options
     unknown = sorted(set(options or {}) - set(allowed))
     if unknown:
         valid = ", ".join(allowed) if allowed else "none"
-        raise ValueError(f"unknown option(s) {unknown} for loss {name!r}; valid options: {valid}")
+        raise InputError(f"unknown option(s) {unknown} for loss {name!r}; valid options: {valid}")

@@ -18,6 +18,7 @@ from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
 from oodscale.classify.loss_table import LOSSES, check_loss_options
+from oodscale.errors import InputError
 from oodscale.lazy import load
 
 
@@ -96,7 +97,7 @@ class AdaCosHead(ClassifierHead):
         super().__init__()
         if num_classes < 3:
             # The initial scale sqrt(2)·log(C−1) is 0 for C = 2 and the update keeps it there.
-            raise ValueError(f"adacos needs at least 3 classes, got {num_classes}")
+            raise InputError(f"adacos needs at least 3 classes, got {num_classes}")
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.xavier_uniform_(self.weight)
         self.register_buffer("scale", torch.tensor(math.sqrt(2.0) * math.log(num_classes - 1)))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from oodscale.classify.backbone_table import BACKBONES, check_backbone
 from oodscale.classify.losses import ClassifierHead, build_head
+from oodscale.errors import InputError
 from oodscale.lazy import load
 
 # Images up to this size get a CIFAR-style stem (3×3 conv, stride 1, no max-pool), so a 16×16 or
@@ -169,7 +170,7 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+            raise InputError(f"WRN depth must be 6n+4, got {depth}")
         blocks_per_group = (depth - 4) // 6
         widths = (16 * widen, 32 * widen, 64 * widen)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)]
@@ -268,7 +269,7 @@ class OODClassifier(nn.Module):
         """
         n_id = len(labels)
         if n_id > len(images):
-            raise ValueError(f"{n_id} labels for {len(images)} images: labels cover the ID rows, "
+            raise InputError(f"{n_id} labels for {len(images)} images: labels cover the ID rows, "
                              "which come first")
         logits, embeddings = self.embed_and_logits(images)
         if n_id:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from oodscale.classify.models import BasicBlock, Bottleneck, ResNet
+from oodscale.errors import InputError, MissingError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,7 +27,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     under a `state_dict` / `model` key)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"train.init_checkpoint={str(path)!r}: no such file")
+        raise MissingError(f"train.init_checkpoint={str(path)!r}: no such file")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -34,7 +35,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickled objects beyond tensors are refused, by design
-        raise ValueError(f"train.init_checkpoint {file} is not a weights-only torch file "
+        raise InputError(f"train.init_checkpoint {file} is not a weights-only torch file "
                          f"({err}); save its state_dict, or convert it to safetensors") from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -70,7 +71,7 @@ def torchvision_names(backbone: ResNet) -> dict[str, str]:
 def init_from_torchvision(backbone: nn.Module, path: str | Path) -> int:
     """Load a torchvision ResNet checkpoint into `backbone`; returns the tensors loaded."""
     if not isinstance(backbone, ResNet) or not isinstance(backbone.features[3], nn.MaxPool2d):
-        raise ValueError("train.init_checkpoint loads torchvision ResNets: set train.backbone to "
+        raise InputError("train.init_checkpoint loads torchvision ResNets: set train.backbone to "
                          "resnet18 or resnet50 and data.image_size above 64 (the standard "
                          "stride-2 stem)")
     state = read_state_dict(path)
@@ -78,10 +79,10 @@ def init_from_torchvision(backbone: nn.Module, path: str | Path) -> int:
     loaded = {}
     for ours, theirs in torchvision_names(backbone).items():
         if theirs not in state:
-            raise ValueError(f"train.init_checkpoint {path} lacks {theirs!r}: not a torchvision "
+            raise InputError(f"train.init_checkpoint {path} lacks {theirs!r}: not a torchvision "
                              f"checkpoint of this architecture")
         if state[theirs].shape != own[ours].shape:
-            raise ValueError(f"train.init_checkpoint {path}: {theirs} has shape "
+            raise InputError(f"train.init_checkpoint {path}: {theirs} has shape "
                              f"{tuple(state[theirs].shape)}, this backbone needs "
                              f"{tuple(own[ours].shape)} (another depth or channel count?)")
         loaded[ours] = state[theirs].to(own[ours].dtype)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from oodscale.errors import InputError
 from oodscale.runtime import derive_seed
 
 # Every image the two packages ship in their wheels (scikit-image's others download on first
@@ -53,7 +54,7 @@ def digits_splits(image_size: int, channels: int, test_fraction: float, seed: in
     keep = sorted(set(range(10)) if id_classes is None else set(id_classes))
     unknown = [c for c in keep if not 0 <= c <= 9]
     if unknown:
-        raise ValueError(f"data.id_classes {unknown} out of range: digits has classes 0..9")
+        raise InputError(f"data.id_classes {unknown} out of range: digits has classes 0..9")
     mask = np.isin(labels, keep)
     remap = {c: i for i, c in enumerate(keep)}
     tr_x, te_x, tr_y, te_y = train_test_split(
@@ -98,7 +99,7 @@ def _digits_pick(n: int | None, seed: int, purpose: str, val_n: int) -> np.ndarr
     `n`, every one for None), so the two never share an image."""
     order = np.random.default_rng(derive_seed(seed, "ood", "digits")).permutation(1797)
     if not 0 < val_n < len(order):
-        raise ValueError(f"data.val_ood_samples={val_n} leaves no digit for the test set: "
+        raise InputError(f"data.val_ood_samples={val_n} leaves no digit for the test set: "
                          "lower it (scikit-learn ships 1,797 digits)")
     pool = order[:val_n] if purpose != "ood" else order[val_n:]
     return np.sort(pool[:n])
@@ -147,7 +148,7 @@ def noise(kind: str, n: int, size: int, channels: int, rng: np.random.Generator)
                                          sigma=(0, 1.0, 1.0, 0))
         x = (smooth > 0.75).astype(float)
     else:
-        raise ValueError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_SETS)}")
+        raise InputError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_SETS)}")
     return (x * 255).round().astype(np.uint8)
 
 
@@ -171,7 +172,7 @@ def builtin_ood(name: str, n: int | None, size: int, channels: int, seed: int,
     rng = np.random.default_rng(derive_seed(seed, purpose, name))
     if name in CROP_SOURCES or name in NOISE_SETS:
         if n is None:
-            raise ValueError(f"the {name!r} OOD set is generated: give it an image count")
+            raise InputError(f"the {name!r} OOD set is generated: give it an image count")
         if name in NOISE_SETS:
             return noise(name, n, size, channels, rng)
         return crops(CROP_SOURCES[name], n, size, channels, rng)
@@ -181,12 +182,12 @@ def builtin_ood(name: str, n: int | None, size: int, channels: int, seed: int,
     if name == "openset":
         if held_out is None or len(held_out.images) == 0:
             if purpose != "ood":
-                raise ValueError("no held-out image is left for the open-set validation set: "
+                raise InputError("no held-out image is left for the open-set validation set: "
                                  "raise data.val_fraction or drop openset from "
                                  "data.val_ood_sets")
-            raise ValueError("the 'openset' OOD set needs held-out classes: set data.id_classes "
+            raise InputError("the 'openset' OOD set needs held-out classes: set data.id_classes "
                              "to a subset of the classes")
         pick = rng.permutation(len(held_out.images))[:n]
         return held_out.images[np.sort(pick)]
-    raise ValueError(f"unknown built-in OOD set {name!r}; valid: textures, photos, digits, "
+    raise InputError(f"unknown built-in OOD set {name!r}; valid: textures, photos, digits, "
                      f"{', '.join(NOISE_SETS)}, openset")

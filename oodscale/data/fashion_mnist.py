@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from oodscale.data.builtin import Split, cap_per_class, resize
+from oodscale.errors import InputError, MissingError
 from oodscale.runtime import derive_seed
 
 DEBIAN_PATH = "/usr/share/datasets/fashion-mnist"
@@ -31,14 +32,14 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as err:
-        raise ValueError(f"cannot read idx file {path}: {err}; {_INSTALL}") from err
+        raise InputError(f"cannot read idx file {path}: {err}; {_INSTALL}") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file (magic {raw[:4].hex()})")
+        raise InputError(f"{path} is not an unsigned-byte idx file (magic {raw[:4].hex()})")
     rank = raw[3]
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=rank, offset=4))
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * rank)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"idx file {path} is truncated: {body.size} bytes for shape {dims}")
+        raise InputError(f"idx file {path} is truncated: {body.size} bytes for shape {dims}")
     return body.reshape(dims)
 
 
@@ -48,13 +49,13 @@ def load_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     paths = [base / name for name in _FILES[split]]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"Fashion-MNIST file {missing[0]} not found; {_INSTALL}")
+        raise MissingError(f"Fashion-MNIST file {missing[0]} not found; {_INSTALL}")
     images, labels = (read_idx(p) for p in paths)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST {split} files under {base} disagree: images "
+        raise InputError(f"Fashion-MNIST {split} files under {base} disagree: images "
                          f"{images.shape}, labels {labels.shape}")
     if labels.max() >= len(CLASSES):
-        raise ValueError(f"Fashion-MNIST labels under {base} go up to {labels.max()}; "
+        raise InputError(f"Fashion-MNIST labels under {base} go up to {labels.max()}; "
                          f"expected 0..{len(CLASSES) - 1}")
     return images, labels.astype(np.int64)
 
@@ -72,7 +73,7 @@ def fashion_splits(root: str | None, image_size: int, channels: int, id_classes:
     keep = list(range(len(CLASSES))) if id_classes is None else sorted(set(id_classes))
     unknown = [c for c in keep if not 0 <= c < len(CLASSES)]
     if unknown:
-        raise ValueError(f"data.id_classes {unknown} out of range: Fashion-MNIST has classes "
+        raise InputError(f"data.id_classes {unknown} out of range: Fashion-MNIST has classes "
                          f"0..{len(CLASSES) - 1} ({', '.join(CLASSES)})")
     remap = np.full(len(CLASSES), -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
+from oodscale.errors import MissingError
 from oodscale.runtime import Storage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
@@ -73,7 +74,7 @@ def read_image_bytes(storage: Storage, path: str, limits: ImageLimits = DEFAULT_
     source = source or storage.uri_of(path)
     info = storage.fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"image {source} not found")
+        raise MissingError(f"image {source} not found")
     if info.size is not None and info.size > limits.max_bytes:
         raise _too_big(source, info.size, limits)
     with storage.fs.open_input_stream(path) as stream:

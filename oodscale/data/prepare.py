@@ -10,6 +10,7 @@ from oodscale.data.fashion_mnist import fashion_splits
 from oodscale.data.shards import Manifest, try_read_manifest, write_split
 from oodscale.data.sources import prepare_external, prepare_extra_ood
 from oodscale.data.validation import VAL_SPLIT, check_val_fraction, validation_indices
+from oodscale.errors import InputError
 from oodscale.runtime import RunLayout, derive_seed
 
 IN_MEMORY_SOURCES = ("digits", "fashion_mnist")
@@ -85,7 +86,7 @@ def prepare(cfg: ExperimentConfig, layout: RunLayout, force: bool = False) -> li
         written, held, held_val = _prepare_in_memory(cfg, layout, force)
     else:
         if "openset" in cfg.data.ood_sets:
-            raise ValueError("the built-in 'openset' OOD set is the held-out classes of an "
+            raise InputError("the built-in 'openset' OOD set is the held-out classes of an "
                              "in-memory source (digits, fashion_mnist); for "
                              f"data.source={cfg.data.source} remove it from data.ood_sets and "
                              "add the held-out classes as data.extra_ood")

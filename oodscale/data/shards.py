@@ -24,6 +24,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys
 
 from oodscale.data.images import DEFAULT_LIMITS, SHARD_FORMATS, open_image
+from oodscale.errors import InputError, UserError
 from oodscale.runtime import Storage
 
 MANIFEST = "manifest.json"
@@ -31,7 +32,7 @@ Kind = Literal["id", "ood", "synthetic"]
 _HASH_CHUNK = 8 << 20
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """Missing, corrupt or inconsistent shard data; the message says which file and what to do."""
 
 
@@ -81,7 +82,7 @@ def plain_shard_name(path: Any) -> str:
     path that leads elsewhere (`../x.tar`, `/abs/x.tar`, `sub/x.tar`)."""
     if (not isinstance(path, str) or path in ("", ".", "..")
             or any(c in path for c in "/\\\x00")):
-        raise ValueError(f"shard path {path!r} is not a plain file name in the manifest's "
+        raise InputError(f"shard path {path!r} is not a plain file name in the manifest's "
                          f"directory")
     return path
 

@@ -40,6 +40,7 @@ from oodscale.data.shards import (
     write_split,
 )
 from oodscale.data.validation import VAL_SPLIT, validation_indices
+from oodscale.errors import InputError, MissingError
 from oodscale.runtime import RunLayout, derive_seed, open_storage
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -50,13 +51,13 @@ def list_imagefolder(root: str) -> tuple[list[str], list[int], list[str]]:
     """(files, labels, class names) of an ImageFolder split: one sub-directory per class."""
     storage = open_storage(root)
     if not storage.exists(storage.base):
-        raise FileNotFoundError(f"ImageFolder directory {root} not found; check data.path")
+        raise MissingError(f"ImageFolder directory {root} not found; check data.path")
     infos = storage.fs.get_file_info(pafs.FileSelector(storage.base))
     local = isinstance(storage.fs, pafs.LocalFileSystem)  # a linked class is not followed
     classes = sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.Directory
                      and not (local and Path(i.path).is_symlink()))
     if not classes:
-        raise ValueError(f"{root} has no class sub-directories; an ImageFolder tree is "
+        raise InputError(f"{root} has no class sub-directories; an ImageFolder tree is "
                          f"<root>/<class>/<image> (ImageNet: <root>/train/n01440764/*.JPEG)")
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -64,9 +65,9 @@ def list_imagefolder(root: str) -> tuple[list[str], list[int], list[str]]:
         files += found
         labels += [label] * len(found)
     if not files:
-        raise ValueError(f"{root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
+        raise InputError(f"{root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
     if len(classes) < 2:
-        raise ValueError(f"{root} has one class directory ({classes[0]}); in-distribution data "
+        raise InputError(f"{root} has one class directory ({classes[0]}); in-distribution data "
                          f"needs at least two classes. For a set of outliers use --ood "
                          f"NAME={root} (or data.extra_ood) instead")
     return files, labels, classes
@@ -135,11 +136,11 @@ def read_cifar10_binary(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
     missing = [n for n in names if not (base / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"CIFAR-10 binary batch {base / missing[0]} not found; download "
+        raise MissingError(f"CIFAR-10 binary batch {base / missing[0]} not found; download "
                                 f"cifar-10-binary.tar.gz and extract it under data.path")
     raw = np.concatenate([np.fromfile(base / n, dtype=np.uint8) for n in names])
     if raw.size % 3073:
-        raise ValueError(f"CIFAR-10 batches under {base} are truncated ({raw.size} bytes)")
+        raise InputError(f"CIFAR-10 batches under {base} are truncated ({raw.size} bytes)")
     rows = raw.reshape(-1, 3073)
     images = rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), rows[:, 0].astype(np.int64)
@@ -158,7 +159,7 @@ def _keep_classes(cfg: ExperimentConfig, labels: list[int], classes: list[str],
     keep = cfg.data.id_classes if cfg.data.id_classes is not None else list(range(len(classes)))
     bad = [c for c in keep if not 0 <= c < len(classes)]
     if bad:
-        raise ValueError(f"data.id_classes {bad} out of range: the data has {len(classes)} "
+        raise InputError(f"data.id_classes {bad} out of range: the data has {len(classes)} "
                          f"classes (0..{len(classes) - 1})")
     remap = {c: i for i, c in enumerate(keep)}
     mask = np.isin(np.asarray(labels), keep)
@@ -228,10 +229,10 @@ def prepare_extra_ood(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> 
         if source.format == "imagefolder":
             src = open_storage(source.path)
             if not src.exists(src.base):
-                raise FileNotFoundError(f"OOD set {source.name}: {source.path} not found")
+                raise MissingError(f"OOD set {source.name}: {source.path} not found")
             files = image_files(src, src.base)
             if not files:
-                raise ValueError(f"OOD set {source.name}: no images under {source.path}")
+                raise InputError(f"OOD set {source.name}: no images under {source.path}")
             shard_files_with_ray(layout, source.path, out_dir, source.name, files,
                                  [-1] * len(files),
                                  manifest, cfg.data.shard_size,
@@ -251,13 +252,13 @@ def _webdataset_images(source: OODSetSource, size: int, channels: int,
     storage = open_storage(source.path)
     tars = list_folder(storage, storage.base, {".tar"}).files
     if not tars:
-        raise ValueError(f"OOD set {source.name}: no .tar shards under {source.path}")
+        raise InputError(f"OOD set {source.name}: no .tar shards under {source.path}")
     for tar in tars:
         try:
             for sample in iter_raw_samples(storage, tar, limits.max_bytes):
                 key = next((k for k in sample if "." + k.split(".")[-1] in IMAGE_SUFFIXES), None)
                 if key is None:
-                    raise ValueError(f"OOD set {source.name}: sample {sample['__key__']} in "
+                    raise InputError(f"OOD set {source.name}: sample {sample['__key__']} in "
                                      f"{tar} has no image member")
                 yield decode_image(sample[key], size, channels, f"{tar}:{sample['__key__']}",
                                    limits)
@@ -282,6 +283,6 @@ def _reshard_webdataset(cfg: ExperimentConfig, layout: RunLayout, source: OODSet
                                            shard_name(source.name, len(manifest.shards)), samples))
         count += len(chunk)
     if not count:
-        raise ValueError(f"OOD set {source.name}: no images in the shards under {source.path}")
+        raise InputError(f"OOD set {source.name}: no images in the shards under {source.path}")
     write_manifest(layout.storage, out_dir, manifest)
     return count

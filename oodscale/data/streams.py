@@ -31,6 +31,7 @@ from oodscale.data.shards import (
     shard_paths,
     unreadable_shard,
 )
+from oodscale.errors import InputError
 from oodscale.runtime import Storage, open_storage
 
 
@@ -46,7 +47,7 @@ def _decode_sample(sample: dict[str, Any], num_classes: int, keys: bool = False,
     meta = json.loads(sample["json"])
     label = int(meta.get("label", -1))
     if not -1 <= label < num_classes:
-        raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has "
+        raise InputError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has "
                          f"label {label}, outside [0, {num_classes}) of its manifest's classes; "
                          f"the shard does not belong to this manifest: rerun `oodscale prepare`")
     row = {"image": np.ascontiguousarray(image), "label": label, "order": sample_order(sample)}
@@ -67,7 +68,7 @@ def _checked_shards(storage: Storage, directory: str, hint: str) -> tuple[Manife
     manifest = read_manifest(storage, directory, hint)
     paths = shard_paths(storage, directory, manifest)
     if not paths:
-        raise ValueError(f"{storage.uri_of(directory)} lists no shards; {hint}")
+        raise InputError(f"{storage.uri_of(directory)} lists no shards; {hint}")
     return manifest, paths
 
 
@@ -119,7 +120,7 @@ def endless_batches(shard, batch_size: int, seed: int, device: torch.device | st
             yield from _mix(pending, gen)
             produced += len(pending)
         if produced == 0:
-            raise ValueError(f"this rank's data split has fewer rows than one batch of "
+            raise InputError(f"this rank's data split has fewer rows than one batch of "
                              f"{batch_size}; lower the batch size or the number of workers")
 
 
@@ -173,7 +174,7 @@ def read_rows(storage: Storage, directory: str) -> dict[str, torch.Tensor]:
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
         rows = [row for part in pool.map(shard_rows, paths) for row in part]
     if not rows:
-        raise ValueError(f"{storage.uri_of(directory)} holds no samples; add data")
+        raise InputError(f"{storage.uri_of(directory)} holds no samples; add data")
     return {"image": torch.from_numpy(np.stack([r["image"] for r in rows])),
             "label": torch.tensor([r["label"] for r in rows], dtype=torch.int64),
             "order": torch.tensor([r["order"] for r in rows], dtype=torch.int64)}
@@ -216,7 +217,7 @@ class RankData:
             rows = self.source.read()
             mine = rows.pop("order").argsort()[self.rank::self.world]
             if not len(mine):
-                raise ValueError(f"this dataset has fewer rows than the {self.world} workers; "
+                raise InputError(f"this dataset has fewer rows than the {self.world} workers; "
                                  "lower the number of workers or add data")
             self._rows = {k: v[mine].to(self.device) for k, v in rows.items()}
         return self._rows
@@ -228,7 +229,7 @@ class RankData:
                 self._stream = endless_batches(self.source, batch_size, seed, self.device)
                 self._stream_batch_size = batch_size
             elif batch_size != self._stream_batch_size:
-                raise ValueError(f"this dataset streams batches of {self._stream_batch_size}; "
+                raise InputError(f"this dataset streams batches of {self._stream_batch_size}; "
                                  f"a cell asked for {batch_size}")
             return self._stream
         return reshuffled_batches(self._load(), batch_size, seed)
@@ -253,7 +254,7 @@ def reshuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int
     """Full batches of rows kept in memory, forever, reshuffled each pass from `seed` alone."""
     n = len(rows["label"])
     if n < batch_size:
-        raise ValueError(f"this rank's data split has {n} rows, fewer than one batch of "
+        raise InputError(f"this rank's data split has {n} rows, fewer than one batch of "
                          f"{batch_size}; lower the batch size or the number of workers")
     gen = torch.Generator().manual_seed(seed)  # host: the order is the same on CPU and GPU
     while True:

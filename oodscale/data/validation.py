@@ -12,6 +12,7 @@ import numpy as np
 
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import try_read_manifest
+from oodscale.errors import InputError
 from oodscale.runtime import RunLayout, derive_seed
 
 VAL_SPLIT = "val"
@@ -30,7 +31,7 @@ def validation_indices(labels: np.ndarray | list[int], fraction: float, seed: in
         train, val = train_test_split(everything, test_size=fraction, stratify=labels,
                                       random_state=derive_seed(seed, "id-val") % 2**32)
     except ValueError as err:  # a class too small to split, or too few images
-        raise ValueError(f"cannot carve an ID validation split of data.val_fraction={fraction} "
+        raise InputError(f"cannot carve an ID validation split of data.val_fraction={fraction} "
                          f"from {len(labels)} training images ({err}); raise or lower "
                          f"data.val_fraction, or set it to 0 for no validation split") from None
     return np.sort(train), np.sort(val)
@@ -44,7 +45,7 @@ def check_val_fraction(cfg: ExperimentConfig, layout: RunLayout) -> None:
         return
     had = train.extra.get("val_fraction", 0.0)  # splits prepared before this key existed: none
     if had != cfg.data.val_fraction:
-        raise ValueError(
+        raise InputError(
             f"{layout.storage.uri_of(layout.id_split('train'))} was prepared with "
             f"data.val_fraction={had} but the config asks for {cfg.data.val_fraction}; set "
             f"data.val_fraction={had} to keep it, or delete that experiment's data/id and "

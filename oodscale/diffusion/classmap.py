@@ -14,17 +14,19 @@ from pathlib import Path
 
 import torch
 
+from oodscale.errors import InputError, MissingError
+
 
 def read_class_list(path: str | Path) -> list[str]:
     """Class names in index order, one per line; the first word is the name, so ImageNet's
     LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca") gives the wnids."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"generate.class_list={str(path)!r}: no such file (one class "
+        raise MissingError(f"generate.class_list={str(path)!r}: no such file (one class "
                                 f"name per line, in the generator's index order)")
     names = [line.split()[0] for line in file.read_text().splitlines() if line.strip()]
     if len(set(names)) != len(names):
-        raise ValueError(f"generate.class_list {path} names a class twice")
+        raise InputError(f"generate.class_list {path} names a class twice")
     return names
 
 
@@ -38,12 +40,12 @@ def generator_class_names(class_list: str | None, weights_dir: Path,
         index = Path(weights_dir) / "model_index.json"
         id2label = json.loads(index.read_text()).get("id2label") if index.is_file() else None
         if not id2label:
-            raise ValueError(f"the generator at {weights_dir} names no classes (no id2label in "
+            raise InputError(f"the generator at {weights_dir} names no classes (no id2label in "
                              f"model_index.json): set generate.class_list to a file of its "
                              f"class names in index order (ImageNet: LOC_synset_mapping.txt)")
         names = [id2label[str(i)] for i in range(num_classes)]
     if len(names) != num_classes:
-        raise ValueError(f"the generator has {num_classes} classes but its class list names "
+        raise InputError(f"the generator has {num_classes} classes but its class list names "
                          f"{len(names)}; give the list of exactly its classes, in index order")
     return names
 
@@ -57,7 +59,7 @@ def map_classes(id_names: list[str], generator_names: list[str]) -> list[int]:
             index.setdefault(alias, i)
     unknown = [name for name in id_names if name not in index]
     if unknown:
-        raise ValueError(f"{len(unknown)} ID class(es) unknown to the generator, e.g. "
+        raise InputError(f"{len(unknown)} ID class(es) unknown to the generator, e.g. "
                          f"{unknown[:5]}; the ID classes must be among its classes (check "
                          f"data.path's class directories and generate.class_list)")
     return [index[name] for name in id_names]

@@ -24,6 +24,7 @@ from torch import nn
 from oodscale.config import ExperimentConfig
 from oodscale.diffusion.classmap import generator_class_names
 from oodscale.diffusion.generators import MODEL_CARD, Generator, content_hash
+from oodscale.errors import InputError, MissingError
 from oodscale.runtime import RunLayout, Storage
 
 # DiT's published schedule (scheduler/scheduler_config.json of facebook/DiT-XL-2-256), used when
@@ -84,14 +85,14 @@ class DiTGenerator(Generator):
 
     def condition(self, labels: torch.Tensor) -> torch.Tensor:
         if labels.shape[-1] != self.num_classes:
-            raise ValueError(f"soft labels have {labels.shape[-1]} entries; the DiT has "
+            raise InputError(f"soft labels have {labels.shape[-1]} entries; the DiT has "
                              f"{self.num_classes} classes")
         pad = labels.new_zeros(len(labels), self.rows - self.num_classes)
         return torch.cat([labels.float(), pad], dim=1)
 
     def null_condition(self, count: int) -> torch.Tensor:
         if self.rows == self.num_classes:
-            raise ValueError("this DiT has no null class (trained without label dropout), so "
+            raise InputError("this DiT has no null class (trained without label dropout), so "
                              "classifier-free guidance is impossible: set generate.guidance=1")
         null = torch.zeros(count, self.rows)
         null[:, self.num_classes] = 1.0
@@ -137,7 +138,7 @@ class DiTGenerator(Generator):
         directory = resolve_weights(card["source"])
         found = content_hash(directory)
         if found != card["model_hash"]:
-            raise ValueError(f"the DiT weights at {directory} changed since the run's model card "
+            raise InputError(f"the DiT weights at {directory} changed since the run's model card "
                              f"was written (hash {found} != {card['model_hash']}); delete "
                              f"{diffusion_dir}/{MODEL_CARD} and the synthetic shards drawn "
                              f"from the old weights, or point generate.pretrained at those")
@@ -184,13 +185,13 @@ def resolve_weights(source: str | None) -> Path:
     """A local directory holding transformer/ and vae/: `source` itself, or a hub id's
     snapshot (downloaded once into the hub cache of the node that asks)."""
     if not source:
-        raise ValueError("generate.generator=dit needs generate.pretrained: a directory in "
+        raise InputError("generate.generator=dit needs generate.pretrained: a directory in "
                          "diffusers' save_pretrained layout (transformer/, vae/) or a hub id "
                          "such as facebook/DiT-XL-2-256")
     path = Path(source).expanduser()
     if not path.is_dir():
         if path.exists() or source.startswith(("/", ".", "~")) or source.count("/") != 1:
-            raise FileNotFoundError(f"generate.pretrained={source!r}: no such directory (a hub "
+            raise MissingError(f"generate.pretrained={source!r}: no such directory (a hub "
                                     f"id looks like owner/name)")
         from huggingface_hub import snapshot_download
 
@@ -199,11 +200,11 @@ def resolve_weights(source: str | None) -> Path:
                 "model_index.json", "scheduler/*.json", *(f"{sub}/*.{ext}" for sub in (
                     "transformer", "vae") for ext in ("json", "safetensors"))]))
         except Exception as err:  # offline, unknown repo, no access: all say the same to us
-            raise FileNotFoundError(f"generate.pretrained={source!r} is not a local directory "
+            raise MissingError(f"generate.pretrained={source!r} is not a local directory "
                                     f"and the hub did not give it ({err}); download it "
                                     f"beforehand and give the directory") from err
     missing = [sub for sub in ("transformer", "vae") if not (path / sub).is_dir()]
     if missing:
-        raise FileNotFoundError(f"generate.pretrained={source!r}: {path} lacks {missing}; a DiT "
+        raise MissingError(f"generate.pretrained={source!r}: {path} lacks {missing}; a DiT "
                                 f"is saved as a DiTPipeline (transformer/, vae/)")
     return path.resolve()

@@ -33,6 +33,7 @@ from oodscale.diffusion.sample import (
     sampling_autocast,
     scheduler_for,
 )
+from oodscale.errors import InputError
 from oodscale.outlier_sources import generator_sources, synthetic_dirname
 from oodscale.progress import track
 from oodscale.runtime import RunLayout, open_storage, require_gpus, resolve_use_gpu
@@ -64,7 +65,7 @@ def _class_map(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
     """The ID class names and each one's index among the generator's classes."""
     id_names = read_manifest(layout.storage, layout.id_split("train")).class_names
     if card["channels"] != cfg.data.channels:
-        raise ValueError(f"generator {card.get('generator', 'ddpm')} draws {card['channels']}-"
+        raise InputError(f"generator {card.get('generator', 'ddpm')} draws {card['channels']}-"
                          f"channel images but data.channels={cfg.data.channels}; set "
                          f"data.channels={card['channels']}")
     try:
@@ -72,7 +73,7 @@ def _class_map(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
     except ValueError as err:
         hint = ("rerun train-diffusion for these ID classes" if card.get("generator", "ddpm")
                 == "ddpm" else "set generate.class_list to the generator's class names")
-        raise ValueError(f"{err}; {hint}") from None
+        raise InputError(f"{err}; {hint}") from None
 
 
 def generate(cfg: ExperimentConfig, layout: RunLayout) -> list[Manifest]:
@@ -94,7 +95,7 @@ def _refuse_legacy_layout(layout: RunLayout, out_dir: str) -> None:
     if manifest is None or try_read_manifest(storage, out_dir) is not None:
         return
     w = manifest.extra.get("params", {}).get("guidance")
-    raise ValueError(f"{storage.uri_of(legacy)} holds shards of an older layout (guidance {w}); "
+    raise InputError(f"{storage.uri_of(legacy)} holds shards of an older layout (guidance {w}); "
                      f"rename it to synthetic-w{w:g} (and synthetic-filtered to "
                      f"synthetic-w{w:g}-filtered) and rerun")
 
@@ -112,7 +113,7 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
     params = _generation_params(cfg, card, class_map)
     manifest = try_read_manifest(storage, out_dir)
     if manifest is not None and manifest.extra.get("params") != params:
-        raise ValueError(f"{storage.uri_of(out_dir)} holds shards drawn with other "
+        raise InputError(f"{storage.uri_of(out_dir)} holds shards drawn with other "
                          f"settings ({manifest.extra.get('params')}); delete that directory or "
                          f"set storage.root / name to a new location")
     if manifest is None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from oodscale.errors import InputError, MissingError
+
 if TYPE_CHECKING:
     from oodscale.config import ExperimentConfig
     from oodscale.runtime import RunLayout, Storage
@@ -93,7 +95,7 @@ GENERATORS: dict[str, GeneratorSpec] = {
 def generator_class(name: str) -> type:
     """The implementation class of a generator name in the table."""
     if name not in GENERATORS:
-        raise ValueError(f"unknown generator {name!r}; valid: {', '.join(GENERATORS)}")
+        raise InputError(f"unknown generator {name!r}; valid: {', '.join(GENERATORS)}")
     module, cls = GENERATORS[name].implementation.split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -114,7 +116,7 @@ def content_hash(directory: str | Path) -> str:
     root = Path(directory)
     files = sorted(root.rglob("*.safetensors"), key=lambda p: p.relative_to(root).as_posix())
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights under {root}; save the model with "
+        raise MissingError(f"no *.safetensors weights under {root}; save the model with "
                                 f"save_pretrained(..., safe_serialization=True)")
     digest = hashlib.sha256()
     for path in files:

@@ -20,6 +20,7 @@ from torch import nn
 
 from oodscale.config import ExperimentConfig
 from oodscale.diffusion.generators import MODEL_CARD, Generator
+from oodscale.errors import InputError, MissingError
 from oodscale.runtime import RunLayout, Storage
 from oodscale.weights import require_safetensors
 
@@ -48,7 +49,7 @@ class LabelConditionedUNet(ModelMixin, ConfigMixin):
                 labels: torch.Tensor) -> torch.Tensor:
         """Predicted noise for `noisy` at `timesteps` under soft labels (B×C)."""
         if labels.shape[-1] != self.config.num_classes:
-            raise ValueError(f"label vectors have {labels.shape[-1]} entries, the model was "
+            raise InputError(f"label vectors have {labels.shape[-1]} entries, the model was "
                              f"trained on {self.config.num_classes} classes")
         class_emb = self.label_proj(labels.to(self.label_proj.weight.dtype))
         return self.unet(noisy, timesteps, class_labels=class_emb).sample
@@ -105,13 +106,13 @@ class UNetGenerator(Generator):
     def model_card(cls, cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
         path = f"{layout.diffusion_dir}/{MODEL_CARD}"
         if not layout.storage.exists(path):
-            raise FileNotFoundError(f"no trained DDPM at "
+            raise MissingError(f"no trained DDPM at "
                                     f"{layout.storage.uri_of(layout.diffusion_dir)}: run "
                                     f"`oodscale train-diffusion` first")
         card = {"generator": "ddpm", "source": "train-diffusion",
                 **json.loads(layout.storage.read_bytes(path))}
         if card["generator"] != "ddpm":
-            raise ValueError(f"{layout.storage.uri_of(path)} is the card of the pretrained "
+            raise InputError(f"{layout.storage.uri_of(path)} is the card of the pretrained "
                              f"{card['generator']} generator ({card.get('source')}), not of a "
                              f"trained DDPM; give this config its own experiment name (a DDPM "
                              f"and a {card['generator']} cannot share one run root)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from oodscale.errors import InputError
+
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     # name: (diffusers scheduler class, its options); the config validates against this table
     "ddpm": ("DDPMScheduler", {}),
@@ -29,7 +31,7 @@ def make_sampler(kind: str, timesteps: int, steps: int, **schedule: Any):
     import diffusers
 
     if kind not in SAMPLERS:
-        raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
+        raise InputError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
     class_name, options = SAMPLERS[kind]
     scheduler_cls = getattr(diffusers, class_name)
     accepted = inspect.signature(scheduler_cls.__init__).parameters

@@ -21,6 +21,7 @@ from oodscale.classify.checkpoints import WEIGHTS, LoadedClassifier
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths
 from oodscale.data.validation import VAL_SPLIT
+from oodscale.errors import InputError, MissingError
 from oodscale.evaluate.detectors import ScoreSet
 from oodscale.evaluate.score_table import check_score_name, needs_fit
 from oodscale.runtime import RunLayout, Storage, StorageRoot, open_storage
@@ -93,7 +94,7 @@ def calibrate_classifier(storage_root: str, classifier_dir: str, names: list[str
         for name, values in reader(images)[0].items():
             parts[name].append(values)
     if not parts[names[0]]:
-        raise ValueError(f"the ID validation split {storage.uri_of(val_dir)} is empty; raise "
+        raise InputError(f"the ID validation split {storage.uri_of(val_dir)} is empty; raise "
                          f"data.val_fraction and prepare again")
     val = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     count = len(val[names[0]])
@@ -115,11 +116,11 @@ def read_calibration(storage: Storage, classifier_dir: str) -> dict[str, Any]:
     """The classifier's calibration; missing or made for other weights is a clear error."""
     path = f"{classifier_dir}/{CALIBRATION}"
     if not storage.exists(path):
-        raise FileNotFoundError(f"{storage.uri_of(classifier_dir)} has no {CALIBRATION} (no "
+        raise MissingError(f"{storage.uri_of(classifier_dir)} has no {CALIBRATION} (no "
                                 f"decision threshold yet); {CALIBRATE_HINT}")
     calibration = json.loads(storage.read_bytes(path))
     if calibration["weights_sha256"] != weights_sha256(storage, classifier_dir):
-        raise ValueError(f"{storage.uri_of(path)} was set for other weights (the classifier "
+        raise InputError(f"{storage.uri_of(path)} was set for other weights (the classifier "
                          f"was retrained since); {CALIBRATE_HINT}")
     return calibration
 
@@ -150,7 +151,7 @@ def calibrate(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str, Any]]:
 
     storage = layout.storage
     if cfg.data.val_fraction == 0:
-        raise ValueError("data.val_fraction is 0, so there is no ID validation split to set "
+        raise InputError("data.val_fraction is 0, so there is no ID validation split to set "
                          "thresholds on; set it (e.g. 0.1) and prepare and train again")
     read_manifest(storage, layout.id_split(VAL_SPLIT))  # a clear error if prepare has not run
     runs = [card["run"] for card in finished_classifiers(cfg, layout)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from oodscale.errors import InputError
 from oodscale.evaluate.metrics import TPR_TARGET
 
 METRICS = ("fpr95", "auroc")
@@ -100,7 +101,7 @@ class PairedBootstrap:
             keys = rows["sample"].to_numpy()
             known = self._keys.setdefault(dataset, keys)
             if len(known) != len(keys) or not np.array_equal(known, keys):
-                raise ValueError(f"run {run} scored other images of {dataset!r} than the other "
+                raise InputError(f"run {run} scored other images of {dataset!r} than the other "
                                  "runs: pairs need the same test images; rerun `oodscale "
                                  "evaluate` so every classifier scores the same sets")
             self._values[run, score_name, dataset] = rows["score"].to_numpy(np.float64)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodscale.classify.models import Activations, OODClassifier
+from oodscale.errors import InputError
 from oodscale.evaluate.score_table import INSTALL_HINT, POOD_PREFIX, pood_spec
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def linear_view(model: OODClassifier, sample: Tensor) -> LinearView:
         if torch.allclose(view.features(sample) @ weight.T + bias, expected, rtol=1e-4,
                           atol=tolerance):
             return view
-    raise ValueError(f"the {type(head).__name__} head is not linear in the embedding or in its "
+    raise InputError(f"the {type(head).__name__} head is not linear in the embedding or in its "
                      "direction, so pytorch-ood's ViM/DICE cannot read it as a last layer")
 
 
@@ -105,7 +106,7 @@ class PoodScore:
         self.view: LinearView | None = None
         if self.spec.reads == "linear":
             if train is None:
-                raise ValueError(f"{score_name} needs ID training embeddings to find the head's "
+                raise InputError(f"{score_name} needs ID training embeddings to find the head's "
                                  "linear layer")
             self.view = linear_view(model, train.embeddings[:256].to(_device_of(model)))
         cls = getattr(_detector_module(), score_name.removeprefix(POOD_PREFIX))
@@ -113,7 +114,7 @@ class PoodScore:
         self.bind(model)
         if self.spec.fit:
             if train is None or labels is None:
-                raise ValueError(f"{score_name} is fitted on ID training data; none was given")
+                raise InputError(f"{score_name} is fitted on ID training data; none was given")
             self._fit(train, labels)
 
     def _inputs(self) -> tuple[Any, ...]:

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from oodscale.errors import InputError
 from oodscale.evaluate.metrics import id_accuracy, mean_std, ood_metrics
 
 RUN_KEYS = ["run", "loss", "outliers", "seed"]
@@ -36,7 +37,7 @@ GROUPS = ("near", "far")
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"{what} frame lacks column(s) {missing}")
+        raise InputError(f"{what} frame lacks column(s) {missing}")
 
 
 def aggregate(scores: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
@@ -44,7 +45,7 @@ def aggregate(scores: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
     _require(scores, SCORE_COLUMNS, "scores")
     bad = {k: v for k, v in groups.items() if v not in GROUPS}
     if bad:
-        raise ValueError(f"groups must map OOD sets to 'near' or 'far', got {bad}")
+        raise InputError(f"groups must map OOD sets to 'near' or 'far', got {bad}")
 
     is_id = scores["dataset"] == "id"
     id_acc = {
@@ -55,7 +56,7 @@ def aggregate(scores: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
     for keys, part in scores.groupby([*RUN_KEYS, "score_name"], sort=True):
         part_id = part["dataset"] == "id"
         if not part_id.any():
-            raise ValueError(f"no ID rows (dataset == 'id') for run/score {keys}")
+            raise InputError(f"no ID rows (dataset == 'id') for run/score {keys}")
         id_scores = part.loc[part_id, "score"].to_numpy()
         for ood_set, ood in part[~part_id].groupby("dataset", sort=True):
             rows.append(
@@ -86,7 +87,7 @@ def _summary_stats(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, p
     """Means, stds over seeds, and seed counts per (loss, outliers, score name)."""
     _require(results, RESULT_COLUMNS, "results")
     if results.empty:
-        raise ValueError("results frame is empty: nothing to summarise")
+        raise InputError("results frame is empty: nothing to summarise")
     per_seed = _per_seed(results)
     value_cols = [c for c in per_seed.columns if c not in [*RUN_KEYS, "score_name"]]
     grouped = per_seed.groupby(ROW_KEYS, sort=True)[value_cols]

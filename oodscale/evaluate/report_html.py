@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from oodscale.errors import InputError
+
 if TYPE_CHECKING:
     from oodscale.config import ExperimentConfig
     from oodscale.evaluate.report import ReportContent, Table
@@ -95,7 +97,7 @@ def _table(table: Table) -> str:
 def _png_data_uri(path: Path) -> str:
     data = path.read_bytes()
     if not data.startswith(PNG_MAGIC):
-        raise ValueError(f"{path} is not a PNG, so report.html cannot embed it; regenerate it "
+        raise InputError(f"{path} is not a PNG, so report.html cannot embed it; regenerate it "
                          "(rerun `oodscale report`)")
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 

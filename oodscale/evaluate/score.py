@@ -25,6 +25,7 @@ from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths, try_read_manifest
 from oodscale.data.streams import read_shards
 from oodscale.data.validation import VAL_SPLIT
+from oodscale.errors import InputError, MissingError
 from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train
 from oodscale.evaluate.report import aggregate, write_report
 from oodscale.evaluate.report_html import provenance
@@ -108,7 +109,7 @@ def finished_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[
     missing = [s.name for s in grid(cfg)
                if not storage.exists(f"{layout.classifier_dir(s.name)}/{CARD}")]
     if missing:
-        raise FileNotFoundError(f"classifier(s) {', '.join(missing)} not trained under "
+        raise MissingError(f"classifier(s) {', '.join(missing)} not trained under "
                                 f"{storage.uri_of(layout.classifiers_dir)}; run `oodscale train`")
     infos = storage.fs.get_file_info(pafs.FileSelector(layout.classifiers_dir))
     cards = []
@@ -120,7 +121,7 @@ def finished_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[
     for card in cards:  # a classifier of other classes would score and count accuracy wrongly
         if card["class_names"] != id_classes:
             where = storage.uri_of(layout.classifier_dir(card["run"]))
-            raise ValueError(f"classifier {card['run']} was trained on {card['num_classes']} "
+            raise InputError(f"classifier {card['run']} was trained on {card['num_classes']} "
                              f"classes {card['class_names']}, the ID data has {len(id_classes)}"
                              f" {id_classes}; delete {where} (or set name to a new experiment) "
                              f"and rerun `oodscale train`")

@@ -12,6 +12,8 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from oodscale.errors import InputError
+
 
 @dataclass(frozen=True)
 class ScoreSpec:
@@ -85,10 +87,10 @@ def pood_spec(score_name: str) -> PoodSpec:
     or when pytorch-ood is not installed."""
     name = score_name.removeprefix(POOD_PREFIX)
     if name not in POOD_DETECTORS:
-        raise ValueError(f"unknown pytorch-ood detector {score_name!r}; valid names: "
+        raise InputError(f"unknown pytorch-ood detector {score_name!r}; valid names: "
                          f"{', '.join(POOD_SCORE_NAMES)}")
     if importlib.util.find_spec("pytorch_ood") is None:
-        raise ValueError(f"score {score_name!r} needs pytorch-ood, which is not installed: "
+        raise InputError(f"score {score_name!r} needs pytorch-ood, which is not installed: "
                          f"{INSTALL_HINT}")
     return POOD_DETECTORS[name]
 
@@ -101,7 +103,7 @@ def check_score_name(name: str) -> str:
     if name.startswith(POOD_PREFIX):
         pood_spec(name)
         return name
-    raise ValueError(f"unknown score {name!r}; valid names: {', '.join(SCORE_NAMES)}, "
+    raise InputError(f"unknown score {name!r}; valid names: {', '.join(SCORE_NAMES)}, "
                      f"{', '.join(POOD_SCORE_NAMES)}")
 
 
