@@ -66,6 +66,9 @@ def _yaml_no(value: Any) -> Any:
     return "no" if value is False else value
 
 
+# diffusers.optimization.SchedulerType's values (named here so the config needs no torch)
+LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine",
+                     "cosine_with_restarts", "polynomial"]
 MixedPrecision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml_no)]
 SamplingPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_yaml_no)]
 
@@ -179,7 +182,22 @@ class DiffusionConfig(WorkerConfig):
     p_uncond: float = Field(0.1, ge=0.0, lt=1.0)
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0.0)
+    lr: float = Field(2e-4, gt=0.0, description="Peak AdamW learning rate (after the warm-up).")
+    lr_schedule: LRSchedule = Field(
+        "cosine", description="diffusers' get_scheduler name: the lr over the run's steps.")
+    lr_warmup_steps: int = Field(
+        100, ge=0, description="Optimiser steps of linear lr warm-up from 0 (the schedules "
+                               "named *warmup*, cosine and linear use it).")
+    ema_decay: float = Field(
+        0.999, ge=0.0, lt=1.0,
+        description="Largest decay of the EMA of the weights (diffusers' EMAModel) that samples "
+                    "are drawn from and that train-diffusion publishes; 0 = no EMA (the raw "
+                    "weights are published).")
+    ema_warmup_power: float | None = Field(
+        0.75, gt=0.0,
+        description="EMA warm-up: the decay at step n is min(ema_decay, 1 - (1 + n)^-power) "
+                    "(EMAModel's use_ema_warmup with inv_gamma 1), so early steps average "
+                    "over few weights; None = EMAModel's (1 + n)/(10 + n) ramp.")
 
     @field_validator("block_out_channels")
     @classmethod
@@ -221,7 +239,10 @@ class GenerateConfig(_Section):
     num_shards: int = Field(4, ge=1)
     samples_per_shard: int = Field(256, ge=1)
     lam: LambdaConfig = Field(default_factory=LambdaConfig)
-    mode: Literal["mix", "sum"] = "mix"
+    mode: Literal["mix", "sum", "composed"] = Field(
+        "mix", description="Label-mixup condition: mix (y = λ·e_a + (1−λ)·e_b), sum "
+                           "(y = e_a + e_b), composed (Composable Diffusion: the guidance of "
+                           "e_a and e_b weighted λ and 1−λ; one more denoiser batch per step).")
     guidance: float = Field(3.0, ge=0.0)
     sampler: str = Field("ddim", description="ddim, ddpm or dpmsolver (DPM-Solver++, 15-25 "
                                              "steps); see oodscale/diffusion/samplers.py")

@@ -147,14 +147,15 @@ def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] |
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def copy_checkpoint(result, layout: RunLayout, destination: str) -> None:
-    """Publish the trainer's final checkpoint at `destination` (local or remote)."""
+def copy_checkpoint(result, layout: RunLayout, destination: str, part: str = "") -> None:
+    """Publish the trainer's final checkpoint (or its folder `part`) at `destination` (local
+    or remote)."""
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the worker logs "
                            "(worker-*.out in the Ray log directory named at the start, or "
                            "rerun with --verbose)")
-    publish_dir(layout.storage, result.checkpoint.path, destination,
-                result.checkpoint.filesystem)
+    source = f"{result.checkpoint.path}/{part}" if part else result.checkpoint.path
+    publish_dir(layout.storage, source, destination, result.checkpoint.filesystem)
 
 
 def publish_dir(storage: Storage, source: str, destination: str,

@@ -1,7 +1,9 @@
 """Label-mixup conditioning: soft labels between two distinct classes.
 
-y = λ·e_a + (1−λ)·e_b with a ≠ b ("mix"), or y = e_a + e_b ("sum"). λ comes from the
-configured distribution: fixed, uniform on an interval, or Beta(α, α).
+y = λ·e_a + (1−λ)·e_b with a ≠ b ("mix"), or y = e_a + e_b ("sum"). "composed" mixes the two
+classes' guidance instead of their labels (Composable Diffusion, Liu et al. 2022):
+ε = ε_u + w·[λ(ε_a − ε_u) + (1 − λ)(ε_b − ε_u)], two one-hot conditions weighted λ and 1 − λ.
+λ comes from the configured distribution: fixed, uniform on an interval, or Beta(α, α).
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ def mixup_labels(a: np.ndarray, b: np.ndarray, lam: np.ndarray, num_classes: int
     if mode == "sum":
         return ea + eb
     if mode != "mix":
-        raise ValueError(f"unknown label-mixup mode {mode!r}; valid: mix, sum")
+        raise ValueError(f"unknown label-mixup mode {mode!r}; valid: mix, sum (composed "
+                         f"guidance takes two labels: mixup_conditions)")
     lam_t = torch.as_tensor(lam, dtype=torch.float32)[:, None]
     return lam_t * ea + (1 - lam_t) * eb
+
+
+def mixup_conditions(a: np.ndarray, b: np.ndarray, lam: np.ndarray, num_classes: int,
+                     mode: str = "mix") -> tuple[torch.Tensor, torch.Tensor]:
+    """The conditions a sampler guides each pair towards: soft labels n×K×C and their
+    guidance weights n×K. `mix` and `sum` are one soft label of weight 1 (K = 1); `composed`
+    the one-hots e_a and e_b, weighted λ and 1 − λ (K = 2)."""
+    if mode != "composed":
+        labels = mixup_labels(a, b, lam, num_classes, mode)
+        return labels[:, None], torch.ones(len(labels), 1)
+    lam_t = torch.as_tensor(lam, dtype=torch.float32)
+    labels = torch.stack([one_hot(torch.as_tensor(a), num_classes),
+                          one_hot(torch.as_tensor(b), num_classes)], dim=1)
+    return labels, torch.stack([lam_t, 1 - lam_t], dim=1)
