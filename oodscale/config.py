@@ -73,6 +73,10 @@ MixedPrecision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml_
 SamplingPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_yaml_no)]
 
 
+# Data whose mirror images are other classes (or none): train.augment.flip is refused
+NO_FLIP_SOURCES = ("digits",)
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what to do."""
 
@@ -280,6 +284,18 @@ class GenerateConfig(_Section):
         return self
 
 
+class AugmentConfig(_Section):
+    """Classifier augmentation, on the device in the training step, for ID images and
+    outliers alike (oodscale/classify/augment.py). Both off by default."""
+
+    crop_padding: int = Field(
+        0, ge=0, description="Random crop: shift each image by up to this many pixels each way "
+                             "(reflected border), e.g. 4 at 32x32, 2 at 16x16; 0 = none.")
+    flip: bool = Field(
+        False, description="Random horizontal flip (p = 1/2); only where a mirror image is "
+                           "still its class (not for digits).")
+
+
 class CellGroup(_Section):
     """More grid cells beside the main product, e.g. an outlier-source ablation for two losses."""
 
@@ -310,6 +326,7 @@ class TrainConfig(WorkerConfig):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     lambda_oe: float = Field(0.5, ge=0.0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     init_checkpoint: str | None = Field(
         None, description="A local torchvision ResNet checkpoint (safetensors, or a weights-only "
                           "torch file) to fine-tune from; resnet18/resnet50 above 64x64 only.")
@@ -387,6 +404,14 @@ class ExperimentConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _flips_valid(self) -> ExperimentConfig:
+        if self.train.augment.flip and self.data.source in NO_FLIP_SOURCES:
+            raise ValueError(f"train.augment.flip mirrors images, and a mirrored "
+                             f"{self.data.source} image is not its class (a 2 is no longer a "
+                             f"2): set train.augment.flip=false")
+        return self
 
     @property
     def num_classes(self) -> int:
