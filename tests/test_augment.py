@@ -97,3 +97,12 @@ def test_the_training_step_augments_id_rows_and_outliers_alike(monkeypatch):
                      augment=lambda t: None if t is None else -t)
     (x, out), = seen
     assert torch.equal(x, -torch.ones(2, 1, 4, 4)) and torch.equal(out, -drawn)
+
+
+def test_augmentation_keeps_a_device_batch_on_the_device():
+    from tests.device_sim import SimulatedAccelerator
+
+    with SimulatedAccelerator():
+        x = _images(4).to("cpu")  # as a batch arrives on a GPU worker
+        out = Augment(AugmentConfig(crop_padding=2, flip=True), seed=0, device="cpu")(x)
+        torch.cat([out, x])  # raises if the augmentation made a host tensor of the batch
