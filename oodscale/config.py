@@ -202,6 +202,11 @@ class DiffusionConfig(WorkerConfig):
         description="EMA warm-up: the decay at step n is min(ema_decay, 1 - (1 + n)^-power) "
                     "(EMAModel's use_ema_warmup with inv_gamma 1), so early steps average "
                     "over few weights; None = EMAModel's (1 + n)/(10 + n) ramp.")
+    quality_per_class: int = Field(
+        0, ge=0,
+        description="Sample quality in the card (model.json, diffusion/quality.py): this many "
+                    "class-conditional samples per class and as many label-mixup ones, read by "
+                    "a reference classifier trained on the ID data; 0 = not measured.")
 
     @field_validator("block_out_channels")
     @classmethod

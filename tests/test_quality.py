@@ -93,3 +93,34 @@ def test_quality_samples_are_drawn_per_class_and_as_label_mixup():
     assert list(drawn["class_labels"]) == [0, 0, 1, 1, 2, 2]
     assert drawn["mix_images"].shape == (6, 1, 8, 8)
     assert (drawn["mix_a"] != drawn["mix_b"]).all()
+
+
+def test_a_stored_ddpm_is_measured_for_its_card(tmp_path):
+    from oodscale.config import build_config
+    from oodscale.data.shards import Manifest, write_split
+    from oodscale.diffusion.quality import measure_stored_ddpm
+    from oodscale.runtime import RunLayout, open_storage
+
+    cfg = build_config({"name": "q", "storage": {"root": str(tmp_path)},
+                        "diffusion": {"quality_per_class": 2},
+                        "generate": {"steps": 2, "batch_size": 8, "mode": "composed"}})
+    storage = open_storage(str(tmp_path))
+    layout = RunLayout(storage, cfg.name)
+    for split, seed in (("train", 0), ("test", 1)):
+        images, labels = _squares(6, seed)
+        manifest = Manifest(kind="id", split=split, image_size=8, channels=1,
+                            class_names=[str(k) for k in range(CLASSES)])
+        write_split(storage, layout.id_split(split), split, images.transpose(0, 2, 3, 1),
+                    [{"label": int(k)} for k in labels], 100, manifest)
+    torch.manual_seed(0)
+    unet = LabelConditionedUNet(num_classes=CLASSES, sample_size=8, in_channels=1,
+                                block_out_channels=(8, 8))
+    unet.save_pretrained(tmp_path / "q" / "diffusion" / "unet", safe_serialization=True)
+    card = {"generator": "ddpm", "num_classes": CLASSES, "timesteps": 50}
+    figures = measure_stored_ddpm(storage.uri, cfg.model_dump(), card, use_gpu=False)
+    assert figures["class_samples"] == figures["mix_samples"] == 2 * CLASSES
+    assert figures["test_images"] == 6 * CLASSES
+    assert figures["sampling"]["mode"] == "composed" and figures["frechet_distance"] >= 0
+    for key in ("conditional_accuracy", "reference_test_accuracy", "mix_pair_mass",
+                "mix_entropy", "mix_weaker_share"):
+        assert isinstance(figures[key], float), key

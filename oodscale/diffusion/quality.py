@@ -151,3 +151,42 @@ def draw_quality_samples(model, gen, class_map: list[int], per_class: int, seed:
     return {"class_images": np.concatenate(images).transpose(chw), "class_labels": labels,
             "mix_images": mix.transpose(chw),
             "mix_a": np.array([m["a"] for m in metas]), "mix_b": np.array([m["b"] for m in metas])}
+
+
+REFERENCE_EPOCHS = 15  # the reference classifier's epochs over the ID training split
+
+
+def measure_stored_ddpm(storage_root: str, cfg_dict: dict[str, Any], card: dict[str, Any],
+                        use_gpu: bool) -> dict[str, Any]:
+    """The quality figures of the run's published DDPM, for its card: a reference classifier
+    trained on the ID training split, `diffusion.quality_per_class` class-conditional and as
+    many label-mixup samples drawn as `generate` would draw them, the ID test split to compare
+    with. Runs where a Ray task puts it (a GPU worker when training uses GPUs)."""
+    from oodscale.config import ExperimentConfig
+    from oodscale.data.streams import read_rows
+    from oodscale.devices import worker_device
+    from oodscale.diffusion.generators import load_generator
+    from oodscale.diffusion.sample import sampling_autocast
+    from oodscale.runtime import RunLayout, derive_seed, open_storage
+
+    cfg = ExperimentConfig.model_validate(cfg_dict)
+    storage = open_storage(storage_root)
+    layout = RunLayout(storage, cfg.name)
+    device = worker_device(use_gpu)
+    train = read_rows(storage, layout.id_split("train"))
+    test = read_rows(storage, layout.id_split("test"))
+    classes = card["num_classes"]
+    reference = train_reference(train["image"].numpy(), train["label"].numpy(), classes,
+                                epochs=REFERENCE_EPOCHS, seed=derive_seed(cfg.seed, "quality"),
+                                device=device)
+    model = load_generator(storage, layout.diffusion_dir, card).to(device)
+    gen = cfg.generate
+    with sampling_autocast(device, gen.mixed_precision):
+        drawn = draw_quality_samples(model, gen, list(range(classes)),
+                                     cfg.diffusion.quality_per_class,
+                                     derive_seed(cfg.seed, "quality-samples"), device)
+    figures = sample_quality(reference, test["image"].numpy(), test["label"].numpy(), **drawn)
+    return {**figures, "reference": f"smallcnn softmax, {REFERENCE_EPOCHS} epochs on the ID "
+                                    f"training split",
+            "sampling": {"sampler": gen.sampler, "steps": gen.steps, "guidance": gen.guidance,
+                         "mode": gen.mode, "lam": gen.lam.model_dump()}}

@@ -30,7 +30,7 @@ from oodscale.distributed import (
     run_trainer,
 )
 from oodscale.progress import epoch_progress
-from oodscale.runtime import RunLayout, derive_seed, seed_everything
+from oodscale.runtime import RunLayout, derive_seed, resolve_use_gpu, seed_everything
 
 
 def build_unet(cfg: ExperimentConfig, manifest: Manifest) -> LabelConditionedUNet:
@@ -205,8 +205,31 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
             "num_classes": len(manifest.class_names), "class_names": manifest.class_names,
             "image_size": manifest.image_size, "channels": manifest.channels,
             "timesteps": d.timesteps, "model_hash": _hash_remote(layout, unet_dir)}
+    if d.quality_per_class:
+        card["quality"] = measure_quality(cfg, layout, card)
     storage.write_bytes_atomic(card_path, json.dumps(card, indent=2).encode())
     return card
+
+
+def measure_quality(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
+                    ) -> dict[str, Any]:
+    """`quality.measure_stored_ddpm` in a Ray task with a diffusion worker's resources."""
+    import ray
+
+    from oodscale.diffusion.quality import measure_stored_ddpm
+
+    d = cfg.diffusion
+    use_gpu = resolve_use_gpu(d.use_gpu)
+    task = ray.remote(measure_stored_ddpm).options(num_cpus=d.cpus_per_worker,
+                                                   num_gpus=1 if use_gpu else 0)
+    started = time.time()
+    figures = ray.get(task.remote(layout.storage.uri, cfg.model_dump(), card, use_gpu))
+    print(f"[oodscale] DDPM sample quality ({time.time() - started:.0f}s): conditional accuracy "
+          f"{figures['conditional_accuracy']:.1f} % (reference on ID test "
+          f"{figures['reference_test_accuracy']:.1f} %), Fréchet distance "
+          f"{figures['frechet_distance']:.3g}, label-mixup mass on a+b "
+          f"{figures['mix_pair_mass']:.2f}, entropy {figures['mix_entropy']:.2f}", flush=True)
+    return figures
 
 
 def _hash_remote(layout: RunLayout, unet_dir: str) -> str:
