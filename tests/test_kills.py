@@ -93,7 +93,7 @@ def test_killed_diffusion_worker_resumes_weights_ema_and_lr_schedule(tiny_refere
     """A DDPM worker killed after its first checkpoint: the restarted group resumes from it,
     and the published (EMA) weights equal an uninterrupted run's bit for bit, so the EMA, the
     optimiser and the lr schedule all survived the restart."""
-    longer = ["diffusion.epochs=24"]  # a checkpoint every 6 epochs
+    longer = ["diffusion.epochs=12"]  # a checkpoint every 3 epochs
     clean = copy(tiny_reference, tmp_path / "clean", ["data"])
     assert main(["train-diffusion", *args(clean), *longer]) == 0
     root = copy(tiny_reference, tmp_path / "killed", ["data"])
