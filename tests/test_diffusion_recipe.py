@@ -14,6 +14,7 @@ from oodscale.diffusion.train import (
     load_training_state,
     make_ema,
     make_lr_schedule,
+    restore_weights,
     sampling_weights,
     save_training_state,
 )
@@ -92,15 +93,17 @@ def test_a_checkpoint_restores_ema_and_lr_schedule_and_training_continues_identi
     assert (tmp_path / SAMPLING_DIR / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / EMA_STATE).is_file()
     # a fresh process: raw weights from the checkpoint, fresh optimiser, schedule and EMA
-    restored = LabelConditionedUNet.from_pretrained(tmp_path)
+    restored = _unet(seed=1)  # another initialisation, overwritten by the checkpoint's
+    restore_weights(tmp_path, restored)
     optimizer2 = torch.optim.AdamW(restored.parameters(), lr=RECIPE.lr, weight_decay=0.0)
     schedule2 = make_lr_schedule(optimizer2, RECIPE, 10)
     ema2 = make_ema(restored, RECIPE)
-    load_training_state(tmp_path, ema2, optimizer2, schedule2)
+    load_training_state(tmp_path, restored, ema2, optimizer2, schedule2)
     assert ema2.optimization_step == ema.optimization_step == 3
     assert schedule2.last_epoch == schedule.last_epoch == 3
     for a, b in zip(ema2.shadow_params, ema.shadow_params, strict=True):
         assert torch.equal(a, b)
+    assert "_name_or_path" not in restored.config  # nothing of the checkpoint's path is saved
     _steps(model, optimizer, schedule, ema, 3, seed=7)
     _steps(restored, optimizer2, schedule2, ema2, 3, seed=7)
     assert schedule2.get_last_lr() == schedule.get_last_lr()

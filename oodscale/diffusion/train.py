@@ -31,6 +31,7 @@ from oodscale.distributed import (
 )
 from oodscale.progress import epoch_progress
 from oodscale.runtime import RunLayout, derive_seed, resolve_use_gpu, seed_everything
+from oodscale.weights import load_weights
 
 
 def build_unet(cfg: ExperimentConfig, manifest: Manifest) -> LabelConditionedUNet:
@@ -49,6 +50,7 @@ def make_scheduler(timesteps: int):
 
 SAMPLING_DIR = "sampling"  # in a checkpoint: the weights samples are drawn from (the EMA's)
 EMA_STATE = "ema.json"  # in a checkpoint: EMAModel's step and settings (its weights: SAMPLING_DIR)
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' save_pretrained file name
 
 
 def make_ema(model: torch.nn.Module, d: DiffusionConfig):
@@ -93,9 +95,17 @@ def save_training_state(path: Path, model: LabelConditionedUNet, ema, optimizer,
     torch.save(lr_schedule.state_dict(), path / "schedule.pt")
 
 
-def load_training_state(path: Path, ema, optimizer, lr_schedule) -> None:
-    """Restore what `save_training_state` wrote into the EMA, optimiser and lr schedule (the
-    raw weights were loaded before the optimiser was built, with `from_pretrained`)."""
+def restore_weights(path: Path, model: LabelConditionedUNet) -> None:
+    """The checkpoint's raw weights into a model built from the config (not `from_pretrained`,
+    whose config would carry the checkpoint's temporary path into every later save)."""
+    model.load_state_dict(load_weights(path / WEIGHTS_FILE))
+
+
+def load_training_state(path: Path, model: LabelConditionedUNet, ema, optimizer,
+                        lr_schedule) -> None:
+    """Restore what `save_training_state` wrote into the EMA (over `model`'s parameters),
+    the optimiser and the lr schedule (the raw weights: `restore_weights`, before the
+    optimiser is built)."""
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     lr_schedule.load_state_dict(torch.load(path / "schedule.pt", weights_only=True))
     if ema is None:
@@ -103,10 +113,9 @@ def load_training_state(path: Path, ema, optimizer, lr_schedule) -> None:
     if not (path / EMA_STATE).is_file():
         raise ValueError(f"the checkpoint at {path} holds no EMA state (written with "
                          f"diffusion.ema_decay=0): resume it with ema_decay=0 or start over")
-    device = ema.shadow_params[0].device
-    averaged = LabelConditionedUNet.from_pretrained(path / SAMPLING_DIR)
-    ema.load_state_dict({**json.loads((path / EMA_STATE).read_text()),
-                         "shadow_params": [p.detach().to(device) for p in averaged.parameters()]})
+    averaged = load_weights(path / SAMPLING_DIR / WEIGHTS_FILE)
+    shadow = [averaged[name].to(param.device) for name, param in model.named_parameters()]
+    ema.load_state_dict({**json.loads((path / EMA_STATE).read_text()), "shadow_params": shadow})
 
 
 def diffusion_loop(config: dict[str, Any]) -> None:
@@ -127,14 +136,16 @@ def diffusion_loop(config: dict[str, Any]) -> None:
     steps = config["steps_per_epoch"]
     start_epoch = 0
     with resumed_state() as (ckpt, state):
-        model = build_unet(cfg, manifest) if ckpt is None else \
-            LabelConditionedUNet.from_pretrained(ckpt)
+        model = build_unet(cfg, manifest)
+        if ckpt is not None:
+            restore_weights(ckpt, model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=0.0)
         lr_schedule = make_lr_schedule(optimizer, d, d.epochs * steps)
         model, optimizer = prepare(accelerator, model, optimizer)
         ema = make_ema(accelerator.unwrap_model(model), d)
         if ckpt is not None:
-            load_training_state(ckpt, ema, optimizer, lr_schedule)
+            load_training_state(ckpt, accelerator.unwrap_model(model), ema, optimizer,
+                                lr_schedule)
             start_epoch = state["epoch"] + 1
     scheduler = make_scheduler(d.timesteps)
     num_classes = len(manifest.class_names)
