@@ -77,7 +77,8 @@ def sampling_weights(model: LabelConditionedUNet, ema) -> LabelConditionedUNet:
     """The model samples are drawn from: a copy holding the EMA weights, or `model` itself."""
     if ema is None:
         return model
-    averaged = LabelConditionedUNet.from_config(model.config)
+    # built on the EMA's device, so the copy stays on it (save_pretrained reads it from there)
+    averaged = LabelConditionedUNet.from_config(model.config).to(ema.shadow_params[0].device)
     ema.copy_to(averaged.parameters())
     return averaged
 
