@@ -77,6 +77,9 @@ def _yaml_no(value: Any) -> Any:
     return "no" if value is False else value
 
 
+# diffusers.optimization.SchedulerType's values (named here so the config needs no torch)
+LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine",
+                     "cosine_with_restarts", "polynomial"]
 MixedPrecision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml_no)]
 SamplingPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_yaml_no)]
 # Upper bounds: generous for ImageNet-scale runs, small enough that a typo (an extra 000, 1e12)
@@ -104,6 +107,10 @@ def _no_credentials_in_address(address: str | None) -> str | None:
 
 # A path or URI that must not carry credentials (user info, secret query keys): oodscale.uris
 Location = Annotated[str, AfterValidator(_no_credentials)]
+
+
+# Data whose mirror images are other classes (or none): train.augment.flip is refused
+NO_FLIP_SOURCES = ("digits",)
 
 
 class ConfigError(InputError):
@@ -258,7 +265,29 @@ class DiffusionConfig(WorkerConfig):
     p_uncond: float = Field(0.1, ge=0.0, lt=1.0)
     epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
-    lr: float = Field(2e-3, gt=0.0, le=10.0)
+    lr: float = Field(2e-4, gt=0.0, le=10.0,
+                      description="Peak AdamW learning rate (after the warm-up).")
+    lr_schedule: LRSchedule = Field(
+        "cosine", description="diffusers' get_scheduler name: the lr over the run's steps.")
+    lr_warmup_steps: int = Field(
+        100, ge=0, le=100_000_000,
+        description="Optimiser steps of linear lr warm-up from 0 (the schedules named "
+                    "*warmup*, cosine and linear use it).")
+    ema_decay: float = Field(
+        0.999, ge=0.0, lt=1.0,
+        description="Largest decay of the EMA of the weights (diffusers' EMAModel) that samples "
+                    "are drawn from and that train-diffusion publishes; 0 = no EMA (the raw "
+                    "weights are published).")
+    ema_warmup_power: float | None = Field(
+        0.75, gt=0.0, le=10.0,
+        description="EMA warm-up: the decay at step n is min(ema_decay, 1 - (1 + n)^-power) "
+                    "(EMAModel's use_ema_warmup with inv_gamma 1), so early steps average "
+                    "over few weights; None = EMAModel's (1 + n)/(10 + n) ramp.")
+    quality_per_class: int = Field(
+        0, ge=0, le=100_000,
+        description="Sample quality in the card (model.json, diffusion/quality.py): this many "
+                    "class-conditional samples per class and as many label-mixup ones, read by "
+                    "a reference classifier trained on the ID data; 0 = not measured.")
 
     @field_validator("block_out_channels")
     @classmethod
@@ -302,7 +331,10 @@ class GenerateConfig(_Section):
     num_shards: int = Field(4, ge=1, le=1_000_000)
     samples_per_shard: int = Field(256, ge=1, le=1_000_000)
     lam: LambdaConfig = Field(default_factory=LambdaConfig)
-    mode: Literal["mix", "sum"] = "mix"
+    mode: Literal["mix", "sum", "composed"] = Field(
+        "mix", description="Label-mixup condition: mix (y = λ·e_a + (1−λ)·e_b), sum "
+                           "(y = e_a + e_b), composed (Composable Diffusion: the guidance of "
+                           "e_a and e_b weighted λ and 1−λ; one more denoiser batch per step).")
     guidance: float = Field(3.0, ge=0.0, le=100.0)
     sampler: str = Field("ddim", description="ddim, ddpm or dpmsolver (DPM-Solver++, 15-25 "
                                              "steps); see oodscale/diffusion/samplers.py")
@@ -344,6 +376,19 @@ class GenerateConfig(_Section):
         return self
 
 
+class AugmentConfig(_Section):
+    """Classifier augmentation, on the device in the training step, for ID images and
+    outliers alike (oodscale/classify/augment.py). Both off by default."""
+
+    crop_padding: int = Field(
+        0, ge=0, le=256,
+        description="Random crop: shift each image by up to this many pixels each way "
+                    "(reflected border), e.g. 4 at 32x32, 2 at 16x16; 0 = none.")
+    flip: bool = Field(
+        False, description="Random horizontal flip (p = 1/2); only where a mirror image is "
+                           "still its class (not for digits).")
+
+
 class CellGroup(_Section):
     """More grid cells beside the main product, e.g. an outlier-source ablation for two losses."""
 
@@ -376,6 +421,7 @@ class TrainConfig(WorkerConfig):
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(5e-4, ge=0.0, le=10.0)
     lambda_oe: float = Field(0.5, ge=0.0, le=1000.0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     init_checkpoint: str | None = Field(
         None, description="A local torchvision ResNet checkpoint (safetensors, or a weights-only "
                           "torch file) to fine-tune from; resnet18/resnet50 above 64x64 only.")
@@ -463,6 +509,14 @@ class ExperimentConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _flips_valid(self) -> ExperimentConfig:
+        if self.train.augment.flip and self.data.source in NO_FLIP_SOURCES:
+            raise ValueError(f"train.augment.flip mirrors images, and a mirrored "
+                             f"{self.data.source} image is not its class (a 2 is no longer a "
+                             f"2): set train.augment.flip=false")
+        return self
 
     @property
     def num_classes(self) -> int:

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from oodscale.config import WorkerConfig
 from oodscale.data.streams import CachedShards
+from oodscale.errors import MissingError
 from oodscale.progress import publish
 from oodscale.runtime import RunLayout, Storage, check_write_guards, resolve_use_gpu
 
@@ -146,15 +147,15 @@ def report(metrics: dict[str, Any], accelerator, write: Callable[[Path], None] |
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def copy_checkpoint(result, layout: RunLayout, destination: str) -> None:
-    """Publish the trainer's final checkpoint at `destination` (local or remote); the caller
-    writes the card that says it is finished afterwards."""
+def copy_checkpoint(result, layout: RunLayout, destination: str, part: str = "") -> None:
+    """Publish the trainer's final checkpoint (or its folder `part`) at `destination` (local
+    or remote); the caller writes the card that says it is finished afterwards."""
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the worker logs "
                            "(worker-*.out in the Ray log directory named at the start, or "
                            "rerun with --verbose)")
-    publish_dir(layout.storage, result.checkpoint.path, destination,
-                result.checkpoint.filesystem)
+    source = f"{result.checkpoint.path}/{part}" if part else result.checkpoint.path
+    publish_dir(layout.storage, source, destination, result.checkpoint.filesystem)
 
 
 def publish_dir(storage: Storage, source: str, destination: str,
@@ -176,7 +177,7 @@ def publish_dir(storage: Storage, source: str, destination: str,
             pafs.FileSelector(base, recursive=True)) if info.type == pafs.FileType.File)
         cards = [name for name in last if name in names]
         if len(cards) != len(last):
-            raise FileNotFoundError(f"{base} lacks {sorted(set(last) - set(cards))}")
+            raise MissingError(f"{base} lacks {sorted(set(last) - set(cards))}")
         if storage.exists(destination):
             for name in last:  # first: from here on the destination is not a finished model
                 if storage.exists(f"{destination}/{name}"):

@@ -81,10 +81,11 @@ def card(root: Path) -> dict:
     return json.loads((root / "digits" / "classifiers" / RUN / "classifier.json").read_text())
 
 
-def checkpointed(root: Path) -> bool:
-    """Whether the classifier worker group has a checkpoint Ray Train registered (a checkpoint
-    directory exists before every rank has reported it; only a registered one is resumed)."""
-    for snapshot in (root / "digits" / "ray_train").glob("*classifiers*/"
+def checkpointed(root: Path, group: str = "classifiers") -> bool:
+    """Whether the `group` worker group (classifiers, diffusion) has a checkpoint Ray Train
+    registered (a checkpoint directory exists before every rank has reported it; only a
+    registered one is resumed)."""
+    for snapshot in (root / "digits" / "ray_train").glob(f"*{group}*/"
                                                           "checkpoint_manager_snapshot.json"):
         try:
             if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):

@@ -40,7 +40,7 @@ SMALL = [
     "generate.concurrency=1", "generate.grid_per_class=1",
     "train.losses=[arcface]", "train.outliers=[labelmix,noise]", "train.epochs=1",
     "train.steps_per_epoch=2", "train.num_workers=1", "train.batch_size=16",
-    "train.outlier_batch_size=8", "train.embedding_dim=8",
+    "train.outlier_batch_size=8", "train.embedding_dim=8", "train.augment.crop_padding=2",
     "evaluate.scores=[msp,maxlogit,energy,maxcos,knn,mahalanobis,pood:ViM,pood:ReAct,"
     "pood:NNGuide,pood:KNN,pood:KLMatching,pood:ASH]",
 ]

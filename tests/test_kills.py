@@ -9,6 +9,7 @@ the CLI it started (tests/procs.py): other Ray clusters on the host are never to
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -86,6 +87,33 @@ def test_generate_redraws_a_damaged_listed_shard(tiny_reference, tmp_path, capsy
     assert f"redrawing: shard {shard} is corrupt (size" in capsys.readouterr().out
     assert (synthetic(root) / listed(root)[0]["path"]).stat().st_mtime_ns == untouched
     assert shard_bytes(root) == shard_bytes(tiny_reference)
+
+
+def test_killed_diffusion_worker_resumes_weights_ema_and_lr_schedule(tiny_reference, tmp_path):
+    """A DDPM worker killed after its first checkpoint: the restarted group resumes from it,
+    and the published (EMA) weights equal an uninterrupted run's bit for bit, so the EMA, the
+    optimiser and the lr schedule all survived the restart."""
+    longer = ["diffusion.epochs=12"]  # a checkpoint every 3 epochs
+    clean = copy(tiny_reference, tmp_path / "clean", ["data"])
+    assert main(["train-diffusion", *args(clean), *longer]) == 0
+    root = copy(tiny_reference, tmp_path / "killed", ["data"])
+    started = time.time()
+    thread, result = _in_thread(["train-diffusion", *args(root), *longer])
+    wait_for(lambda: checkpointed(root, "diffusion"), "the first DDPM checkpoint")
+    workers = [w for w in titled("RayTrainWorker") if w.create_time() >= started - 1]
+    assert workers, "no Ray Train worker found"
+    assert not (root / "digits" / "diffusion" / "model.json").exists()  # mid-training
+    workers[0].kill()
+    thread.join()
+    assert result["rc"] == 0
+    resumed, uninterrupted = (json.loads((r / "digits" / "diffusion" / "model.json")
+                                         .read_text()) for r in (root, clean))
+    assert resumed["first_epoch"] >= 1 and uninterrupted["first_epoch"] == 0
+    assert resumed["ema_steps"] == uninterrupted["ema_steps"] == resumed["steps"]
+    assert resumed["model_hash"] == uninterrupted["model_hash"]
+    assert resumed["final_loss"] == uninterrupted["final_loss"]
+    unet = Path("digits", "diffusion", "unet")
+    assert _tree(root / unet) == _tree(clean / unet)  # the published EMA weights, bit for bit
 
 
 def test_killed_train_worker_restarts_from_its_last_checkpoint(tiny_reference, tmp_path):

@@ -21,6 +21,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 TINY = [
     "data.ood_sets=[openset,textures,gaussian]", "data.ood_samples=40", "data.shard_size=200",
     "diffusion.block_out_channels=[8,8]", "diffusion.epochs=2", "diffusion.batch_size=32",
+    "diffusion.quality_per_class=1",
     "generate.num_shards=3", "generate.samples_per_shard=12", "generate.steps=3",
     "generate.concurrency=2", "generate.grid_per_class=2", "generate.filter_tau=0.99",
     "train.outliers=[none,labelmix,labelmix-filtered]",
@@ -71,6 +72,10 @@ def test_diffusion_saved_with_safetensors(run_root):
     assert (unet / "diffusion_pytorch_model.safetensors").is_file()
     card = json.loads((root / "digits" / "diffusion" / "model.json").read_text())
     assert card["num_classes"] == 6 and len(card["model_hash"]) == 16
+    assert card["ema_decay"] == 0.999 and card["ema_steps"] == card["steps"] > 0
+    quality = card["quality"]  # diffusion.quality_per_class=1: measured in a Ray task
+    assert quality["class_samples"] == quality["mix_samples"] == 6
+    assert quality["frechet_distance"] >= 0 and 0 <= quality["mix_pair_mass"] <= 1
 
 
 def test_generate_wrote_provenance_and_grid(run_root):

@@ -10,7 +10,7 @@ an `.item()` per step would make the host wait for the GPU every step.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -37,18 +37,25 @@ def oe_step(model, optimizer, accelerator, x_id: torch.Tensor, y_id: torch.Tenso
 
 
 def train_epoch(model, optimizer, accelerator, lr_schedule, id_batches: Iterator[dict],
-                outliers, steps: int, lambda_oe: float) -> dict[str, float]:
+                outliers, steps: int, lambda_oe: float,
+                augment: Callable[[torch.Tensor | None], torch.Tensor | None] | None = None,
+                ) -> dict[str, float]:
     """`steps` OE steps; the figures are summed on the device and read once, at the end.
 
-    `outliers` is the cell's `OutlierStream`. The Ray Train loop and the plain-loop benchmark
-    both run this, so what they time is the same work."""
+    `outliers` is the cell's `OutlierStream`; `augment` (a `classify.augment.Augment`) is
+    applied to the ID rows and to the outlier rows, after the outliers are drawn from the
+    unaugmented ID batch. The Ray Train loop and the plain-loop benchmark both run this, so
+    what they time is the same work."""
     model.train()
     sums = torch.zeros(len(STEP_FIGURES), device=accelerator.device)
     started, rows = time.perf_counter(), 0
     for _ in range(steps):
         batch = next(id_batches)
         x, y = to_model_input(batch["image"]), batch["label"]
-        sums += oe_step(model, optimizer, accelerator, x, y, outliers.next(x, y), lambda_oe)
+        x_out = outliers.next(x, y)
+        if augment is not None:
+            x, x_out = augment(x), augment(x_out)
+        sums += oe_step(model, optimizer, accelerator, x, y, x_out, lambda_oe)
         lr_schedule.step()
         rows += len(y)
     metrics = dict(zip(STEP_FIGURES, (sums / steps).tolist(), strict=True))  # one sync

@@ -23,6 +23,7 @@ import torch
 
 from oodscale import tracking
 from oodscale.classify.ambiguity import filter_synthetic
+from oodscale.classify.augment import Augment
 from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
 from oodscale.classify.pretrained import init_from_torchvision
 from oodscale.classify.step import train_epoch
@@ -37,6 +38,7 @@ from oodscale.distributed import (
     resumed_state,
     run_trainer,
 )
+from oodscale.errors import InputError
 from oodscale.outlier_sources import OutlierSource, generator_sources, parse_source
 from oodscale.outliers import OutlierStream
 from oodscale.progress import epoch_progress
@@ -93,7 +95,8 @@ def _card(cfg: ExperimentConfig, spec: RunSpec, manifest: Manifest) -> dict[str,
             "head_options": t.head_options.get(spec.loss, {}),
             "num_classes": len(manifest.class_names), "class_names": manifest.class_names,
             "image_size": manifest.image_size, "channels": manifest.channels,
-            "lambda_oe": t.lambda_oe, "epochs": t.epochs, "init_checkpoint": t.init_checkpoint}
+            "lambda_oe": t.lambda_oe, "epochs": t.epochs, "init_checkpoint": t.init_checkpoint,
+            "augment": t.augment.model_dump()}
 
 
 @dataclass
@@ -169,8 +172,10 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
     if start_epoch and all(data[name].cached for name in ("id", synthetic) if name):
         skip_batches(id_batches, outliers, start_epoch * steps)
     for epoch in range(start_epoch, t.epochs):
+        augment = Augment(t.augment, derive_seed(card["seed"], card["run"], "augment", rank,
+                                                 epoch), device)
         metrics = {**train_epoch(model, optimizer, accelerator, lr_schedule, id_batches,
-                                 outliers, steps, t.lambda_oe), "epoch": epoch}
+                                 outliers, steps, t.lambda_oe, augment), "epoch": epoch}
         write = None
         if epoch == t.epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
             unwrapped = accelerator.unwrap_model(model)
@@ -247,7 +252,7 @@ def _outlier_data(cfg: ExperimentConfig, layout: RunLayout, source: OutlierSourc
     data, syn_manifest = training_set(layout.storage, directory, t.num_workers, t.cache_mb,
                                       hint="run `oodscale generate`")
     if syn_manifest.class_names != manifest.class_names:
-        raise ValueError("the synthetic shards were drawn for other ID classes "
+        raise InputError("the synthetic shards were drawn for other ID classes "
                          f"({syn_manifest.class_names} vs {manifest.class_names}); rerun "
                          "train-diffusion and generate for this config")
     return data, syn_manifest

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
-from oodscale.errors import MissingError
+from oodscale.errors import InputError, MissingError
 from oodscale.runtime import Storage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
@@ -39,7 +39,7 @@ SHARD_FORMATS = ("PNG", "JPEG")  # what shards store (shards.IMAGE_FORMATS)
 _OPEN_LOCK = threading.Lock()
 
 
-class BadImageError(ValueError):
+class BadImageError(InputError):
     """An image file that is not read: too large, an unsupported format or undecodable."""
 
 

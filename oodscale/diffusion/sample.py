@@ -21,7 +21,7 @@ from oodscale.data.streams import from_model_output
 from oodscale.devices import computes_bf16_natively, worker_device
 from oodscale.diffusion.classmap import to_generator_labels
 from oodscale.diffusion.generators import Generator, load_generator
-from oodscale.diffusion.mixup import distinct_pairs, mixup_labels, sample_lambdas
+from oodscale.diffusion.mixup import distinct_pairs, mixup_conditions, sample_lambdas
 from oodscale.diffusion.samplers import make_sampler
 from oodscale.runtime import derive_seed, open_storage
 
@@ -45,23 +45,45 @@ def scheduler_for(model: Generator, gen: GenerateConfig):
 @torch.no_grad()
 def sample_images(model: Generator, labels: torch.Tensor, guidance: float, scheduler,
                   generator: torch.Generator, device: torch.device | str = "cpu",
-                  ) -> torch.Tensor:
-    """Images (B×C×H×W in [-1, 1]) for soft labels over the generator's classes;
-    eps = eps_u + w·(eps_c − eps_u), eps_u under the generator's unconditional input."""
-    x = torch.randn((len(labels), *model.latent_shape), generator=generator).to(device)
-    condition = model.condition(labels).to(device)
-    null = model.null_condition(len(labels)).to(device) if guidance != 1.0 else None
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Images (B×C×H×W in [-1, 1]) for soft labels over the generator's classes.
+
+    `labels` B×C: classifier-free guidance, ε = ε_u + w·(ε_c − ε_u), ε_u under the generator's
+    unconditional input. `labels` B×K×C with `weights` B×K: composed guidance over K
+    conditions, ε = ε_u + w·Σ_k weights_k·(ε_k − ε_u) (`mixup.mixup_conditions`)."""
+    if labels.dim() == 2:
+        labels, weights = labels[:, None], None
+    count, parts = labels.shape[:2]
+    x = torch.randn((count, *model.latent_shape), generator=generator).to(device)
+    # condition k of every sample is block k of one batch: rows k·B … (k+1)·B − 1
+    condition = model.condition(labels.transpose(0, 1).flatten(0, 1)).to(device)
+    plain = guidance == 1.0 and parts == 1
+    null = None if plain else model.null_condition(count).to(device)
+    if weights is not None:
+        weights = weights.to(device=device, dtype=torch.float32)
     for t in scheduler.timesteps:
-        tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
-        if null is None:
+        tt = torch.full((count,), int(t), device=device, dtype=torch.long)
+        if plain:
             eps = model.predict_noise(x, tt, condition).float()
         else:
-            both = model.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]),
+            both = model.predict_noise(torch.cat([x] * (parts + 1)), tt.repeat(parts + 1),
                                        torch.cat([condition, null]))
-            eps_c, eps_u = both.float().chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
+            *eps_k, eps_u = both.float().chunk(parts + 1)
+            eps = eps_u + guidance * _composed(eps_k, eps_u, weights)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return model.decode(x).float().clamp(-1, 1)
+
+
+def _composed(eps_k: list[torch.Tensor], eps_u: torch.Tensor,
+              weights: torch.Tensor | None) -> torch.Tensor:
+    """Σ_k weights_k·(ε_k − ε_u); one condition without weights: ε_c − ε_u."""
+    if weights is None:
+        return eps_k[0] - eps_u
+    view = (-1,) + (1,) * (eps_u.dim() - 1)
+    total = weights[:, 0].view(view) * (eps_k[0] - eps_u)
+    for k in range(1, len(eps_k)):
+        total = total + weights[:, k].view(view) * (eps_k[k] - eps_u)
+    return total
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -87,10 +109,11 @@ def draw_labelmix(model: Generator, gen: GenerateConfig, class_map: list[int], s
     images = []
     for start in range(0, count, gen.batch_size):
         part = slice(start, min(start + gen.batch_size, count))
-        y = to_generator_labels(mixup_labels(a[part], b[part], lam[part], num_classes, gen.mode),
-                                class_map, model.num_classes)
+        labels, weights = mixup_conditions(a[part], b[part], lam[part], num_classes, gen.mode)
+        y = to_generator_labels(labels.flatten(0, 1), class_map,
+                                model.num_classes).unflatten(0, labels.shape[:2])
         drawn = sample_images(model, y, gen.guidance, scheduler_for(model, gen), generator,
-                              device)
+                              device, weights)
         images.append(from_model_output(resize_images(drawn, size or model.image_size)))
     metas = [{"a": int(a[i]), "b": int(b[i]),
               "lam": None if gen.mode == "sum" else float(lam[i]),
