@@ -28,7 +28,8 @@ from oodscale.data.builtin import resize
 from oodscale.data.images import DEFAULT_LIMITS, ImageLimits, read_image_bytes
 from oodscale.data.sources import decode_image
 from oodscale.errors import InputError
-from oodscale.evaluate.calibration import ScoreReader, read_calibration
+from oodscale.evaluate.calibration import ScoreReader
+from oodscale.evaluate.calibration_card import read_calibration
 from oodscale.runtime import Storage, open_storage
 
 ImageLike = str | Path | Storage | Image.Image | np.ndarray  # Storage: a file as (fs, path)

@@ -80,7 +80,7 @@ def _chunks(items: Iterator[Storage], size: int) -> Iterator[list[Storage]]:
 
 def resolve_run(cfg: ExperimentConfig, layout: RunLayout, run: str | None) -> str:
     """The classifier directory of `run`; an unknown one is an error listing the trained."""
-    from oodscale.classify.checkpoints import trained_runs
+    from oodscale.classify.cards import trained_runs
 
     storage = layout.storage
     trained = trained_runs(storage, layout.classifiers_dir)

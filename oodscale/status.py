@@ -67,8 +67,7 @@ def _prepare(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
 
 
 def _train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
-    from oodscale.diffusion.generators import GENERATORS
-    from oodscale.diffusion.train import MODEL_CARD
+    from oodscale.diffusion.generators import GENERATORS, MODEL_CARD
 
     if not GENERATORS[cfg.generate.generator].trained_here:
         return StageStatus("train-diffusion", SKIPPED, f"generate.generator="
@@ -107,8 +106,8 @@ def _generate(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
 
 
 def _train(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
-    from oodscale.classify.checkpoints import CARD
-    from oodscale.classify.train import grid
+    from oodscale.classify.cards import CARD
+    from oodscale.classify.grid import grid
 
     storage, epochs = layout.storage, cfg.train.epochs
     cells = [s.name for s in grid(cfg)]
@@ -134,7 +133,7 @@ def _train(cfg: ExperimentConfig, layout: RunLayout) -> StageStatus:
 
 def _calibrate(cfg: ExperimentConfig, layout: RunLayout, trained: list[str],
                refused: str | None) -> StageStatus:
-    from oodscale.evaluate.calibration import is_current
+    from oodscale.evaluate.calibration_card import is_current
 
     current = [r for r in trained if is_current(layout.storage, layout.classifier_dir(r), cfg)]
     todo = len(trained) - len(current)
@@ -171,7 +170,7 @@ def experiment_status(cfg: ExperimentConfig, layout: RunLayout) -> list[StageSta
     else:
         stages += [StageStatus(s, SKIPPED, "no generator outlier source in train.outliers",
                                "nothing") for s in ("train-diffusion", "generate")]
-    from oodscale.classify.checkpoints import trained_runs
+    from oodscale.classify.cards import trained_runs
 
     trained = trained_runs(layout.storage, layout.classifiers_dir)  # earlier grids' too
     train = _train(cfg, layout)

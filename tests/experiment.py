@@ -34,7 +34,7 @@ def hand_calibrated(root: Path, run: str = "x-none-s0", experiment: str = "digit
     import json
 
     from oodscale.classify.checkpoints import classifier_from_card, save_classifier
-    from oodscale.evaluate.calibration import CALIBRATION, weights_sha256
+    from oodscale.evaluate.calibration_card import CALIBRATION, weights_sha256
     from oodscale.runtime import open_storage
 
     card = {"backbone": "smallcnn", "loss": "softmax", "channels": 1, "image_size": 16,

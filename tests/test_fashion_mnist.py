@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oodscale.classify.train import grid
+from oodscale.classify.grid import grid
 from oodscale.config import ConfigError, load_config
 from oodscale.data import builtin
 from oodscale.data.fashion_mnist import DEBIAN_PATH, fashion_splits, load_split, read_idx

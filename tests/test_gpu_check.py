@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from oodscale.classify.grid import grid
 from oodscale.classify.loss_table import LOSS_NAMES
-from oodscale.classify.train import grid
 from oodscale.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from oodscale.classify.checkpoints import CARD, WEIGHTS, trained_runs
+from oodscale.classify.cards import CARD, WEIGHTS, trained_runs
 from oodscale.distributed import publish_dir
 from oodscale.runtime import open_storage
 

@@ -27,6 +27,13 @@ def test_config_and_help_import_nothing_heavy():
                         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass") == []
 
 
+def test_status_imports_nothing_heavy(tmp_path):
+    """`oodscale status` reads manifests and cards only, here of an empty root."""
+    assert _heavy_after("from oodscale.cli import main\n"
+                        f"assert main(['status', 'configs/digits.yaml', "
+                        f"'storage.root={tmp_path}']) == 0") == []
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

@@ -9,23 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from oodscale.classify.backbone_table import check_backbone
+from oodscale.classify.cards import CARD, WEIGHTS
 from oodscale.classify.loss_table import check_loss_options
 from oodscale.classify.losses import build_head
 from oodscale.classify.models import Activations, OODClassifier, build_backbone, build_classifier
 from oodscale.data.streams import to_model_input
 from oodscale.devices import worker_device
 from oodscale.errors import InputError, MissingError
-from oodscale.runtime import Storage, StorageRoot, open_storage
+from oodscale.runtime import StorageRoot, open_storage
 from oodscale.weights import load_weights, require_safetensors
-
-WEIGHTS = "model.safetensors"
-CARD = "classifier.json"  # written last: its presence means the run finished
 
 
 def save_classifier(model: OODClassifier, card: dict[str, Any], directory: Path) -> None:
@@ -176,13 +173,3 @@ class LoadedClassifier:
         """(logits, embeddings) as float32 on the CPU."""
         logits, embeddings = self.embed_on_device(images)
         return logits.float().cpu(), embeddings.float().cpu()
-
-
-def trained_runs(storage: Storage, classifiers_dir: str) -> list[str]:
-    """Names of the finished classifiers (those with a card) under `classifiers_dir`, sorted:
-    this grid's and any earlier grid's of the same experiment."""
-    if not storage.exists(classifiers_dir):
-        return []
-    infos = storage.fs.get_file_info(pafs.FileSelector(classifiers_dir))
-    return sorted(i.base_name for i in infos
-                  if i.type == pafs.FileType.Directory and storage.exists(f"{i.path}/{CARD}"))

@@ -12,7 +12,6 @@ group after the filter.
 
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from oodscale import tracking
 from oodscale.classify.ambiguity import filter_synthetic
 from oodscale.classify.augment import Augment
 from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
+from oodscale.classify.grid import RunSpec, grid
 from oodscale.classify.pretrained import init_from_torchvision
 from oodscale.classify.step import train_epoch
 from oodscale.config import ExperimentConfig, steps_per_epoch
@@ -53,19 +53,6 @@ from oodscale.runtime import (
 SUMMARY_KEYS = ("loss", "id_loss", "oe_loss", "train_acc", "images_per_s")
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """One cell of the grid: loss × outlier source × seed."""
-
-    loss: str
-    outliers: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.loss}-{self.outliers}-s{self.seed}"
-
-
 def pair_seed(card: dict[str, Any], *purpose: object) -> int:
     """A seed from what a cell shares with its paired cells (seed, loss, backbone, data), not
     from its outlier source: the cells of one seed and loss start from the same weights and
@@ -80,12 +67,6 @@ def initial_classifier(card: dict[str, Any]):
     outlier source of its pair)."""
     seed_everything(pair_seed(card, "init"))
     return classifier_from_card(card)
-
-
-def grid(cfg: ExperimentConfig) -> list[RunSpec]:
-    t = cfg.train
-    return [RunSpec(loss, out, seed)
-            for (loss, out), seed in itertools.product(t.cells, t.seeds)]
 
 
 def _card(cfg: ExperimentConfig, spec: RunSpec, manifest: Manifest) -> dict[str, Any]:

@@ -19,9 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow.fs as pafs
-import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import group_by_keys
 
 from oodscale.data.images import DEFAULT_LIMITS, SHARD_FORMATS, open_image
 from oodscale.errors import InputError, UserError
@@ -140,6 +138,8 @@ def sample_image(sample: dict[str, Any]) -> np.ndarray:
 def tar_bytes(samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]],
               image_format: str = "png", quality: int = 90) -> tuple[bytes, int]:
     """Serialise (key, image, meta) samples to deterministic tar bytes; returns (bytes, count)."""
+    import webdataset as wds  # here, not at the top: reading manifests stays light (status)
+
     buf = io.BytesIO()
     count = 0
     with wds.TarWriter(buf, user="oodscale", group="oodscale", mtime=0.0, encoder=False) as tw:
@@ -321,6 +321,8 @@ def _tar_members(storage: Storage, path: str, max_member: int) -> Iterator[dict[
 def iter_raw_samples(storage: Storage, path: str,
                      max_member: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Undecoded WebDataset samples ({"__key__", extension: bytes, ...}) of one plain tar."""
+    from webdataset.tariterators import group_by_keys
+
     yield from group_by_keys(_tar_members(storage, path, max_member))
 
 

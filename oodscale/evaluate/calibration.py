@@ -10,25 +10,28 @@ weights it belongs to, so a retrained classifier can never be read with an old t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from oodscale.classify.checkpoints import WEIGHTS, LoadedClassifier
+from oodscale.classify.checkpoints import LoadedClassifier
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths
 from oodscale.data.validation import VAL_SPLIT
-from oodscale.errors import InputError, MissingError
+from oodscale.errors import InputError
+from oodscale.evaluate.calibration_card import (
+    CALIBRATION,
+    calibration_names,
+    is_current,
+    weights_sha256,
+)
 from oodscale.evaluate.detectors import ScoreSet
 from oodscale.evaluate.score_table import check_score_name, needs_fit
 from oodscale.runtime import RunLayout, Storage, StorageRoot, open_storage
 
-CALIBRATION = "calibration.json"
 TRAIN_SPLIT, CALIBRATION_SPLIT = "data/id/train", f"data/id/{VAL_SPLIT}"  # experiment-relative
-CALIBRATE_HINT = "run `oodscale calibrate CONFIG` (or `oodscale run CONFIG`) to make one"
 
 
 def image_batches(storage: Storage, directory: str, batch_size: int,
@@ -76,10 +79,6 @@ def threshold_at_tpr(id_scores: np.ndarray, tpr: float) -> float:
     return float(ordered[int(np.floor(len(ordered) * (1.0 - tpr) + 1e-9))])
 
 
-def weights_sha256(storage: Storage, classifier_dir: str) -> str:
-    return hashlib.sha256(storage.read_bytes(f"{classifier_dir}/{WEIGHTS}")).hexdigest()
-
-
 def calibrate_classifier(storage_root: str, classifier_dir: str, names: list[str], tpr: float,
                          default_score: str, batch_size: int, use_gpu: bool) -> dict[str, Any]:
     """Score the ID validation split, set each score's threshold, write calibration.json.
@@ -110,35 +109,6 @@ def calibrate_classifier(storage_root: str, classifier_dir: str, names: list[str
     storage.write_bytes_atomic(f"{classifier_dir}/{CALIBRATION}",
                                json.dumps(calibration, indent=2, sort_keys=True).encode())
     return calibration
-
-
-def read_calibration(storage: Storage, classifier_dir: str) -> dict[str, Any]:
-    """The classifier's calibration; missing or made for other weights is a clear error."""
-    path = f"{classifier_dir}/{CALIBRATION}"
-    if not storage.exists(path):
-        raise MissingError(f"{storage.uri_of(classifier_dir)} has no {CALIBRATION} (no "
-                                f"decision threshold yet); {CALIBRATE_HINT}")
-    calibration = json.loads(storage.read_bytes(path))
-    if calibration["weights_sha256"] != weights_sha256(storage, classifier_dir):
-        raise InputError(f"{storage.uri_of(path)} was set for other weights (the classifier "
-                         f"was retrained since); {CALIBRATE_HINT}")
-    return calibration
-
-
-def calibration_names(cfg: ExperimentConfig) -> list[str]:
-    """The scores to calibrate: the detector's default, then every score evaluate reports."""
-    return list(dict.fromkeys([cfg.detector.score, *cfg.evaluate.scores]))
-
-
-def is_current(storage: Storage, classifier_dir: str, cfg: ExperimentConfig) -> bool:
-    """Whether the stored calibration matches these weights, this target and these scores."""
-    try:
-        calibration = read_calibration(storage, classifier_dir)
-    except (FileNotFoundError, ValueError):
-        return False
-    return (calibration["tpr_target"] == cfg.detector.tpr
-            and calibration["default_score"] == cfg.detector.score
-            and set(calibration_names(cfg)) <= set(calibration["scores"]))
 
 
 def calibrate(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str, Any]]:

@@ -171,7 +171,7 @@ def provenance(cfg: ExperimentConfig, layout: RunLayout, runs: list[str]) -> dic
     """What produced this report: the config, each model's weight hash, versions, the commit."""
     import json
 
-    from oodscale.classify.checkpoints import WEIGHTS
+    from oodscale.classify.cards import WEIGHTS
 
     storage = layout.storage
     models = {}

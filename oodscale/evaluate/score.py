@@ -19,8 +19,8 @@ import pyarrow.fs as pafs
 import torch
 
 from oodscale.classify.checkpoints import CARD, LoadedClassifier
+from oodscale.classify.grid import grid
 from oodscale.classify.models import Activations
-from oodscale.classify.train import grid
 from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths, try_read_manifest
 from oodscale.data.streams import read_shards
