@@ -87,19 +87,6 @@ def generate(cfg: ExperimentConfig, layout: RunLayout) -> list[Manifest]:
         update={"guidance": g})}), layout, synthetic_dirname(g)) for g in ordered]
 
 
-def _refuse_legacy_layout(layout: RunLayout, out_dir: str) -> None:
-    """A run from before directories were named by guidance kept its default shards in
-    `synthetic`; name the rename instead of silently drawing them again."""
-    legacy, storage = layout.synthetic_variant("synthetic"), layout.storage
-    manifest = try_read_manifest(storage, legacy)
-    if manifest is None or try_read_manifest(storage, out_dir) is not None:
-        return
-    w = manifest.extra.get("params", {}).get("guidance")
-    raise InputError(f"{storage.uri_of(legacy)} holds shards of an older layout (guidance {w}); "
-                     f"rename it to synthetic-w{w:g} (and synthetic-filtered to "
-                     f"synthetic-w{w:g}-filtered) and rerun")
-
-
 def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> Manifest:
     """Draw every missing synthetic shard, keeping the manifest current, and the sample grid
     beside them."""
@@ -107,7 +94,6 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
 
     storage, gen = layout.storage, cfg.generate
     out_dir = layout.synthetic_variant(dirname)
-    _refuse_legacy_layout(layout, out_dir)
     card = model_card(cfg, layout)
     id_names, class_map = _class_map(cfg, layout, card)
     params = _generation_params(cfg, card, class_map)
