@@ -39,13 +39,16 @@ def oe_step(model, optimizer, accelerator, x_id: torch.Tensor, y_id: torch.Tenso
 def train_epoch(model, optimizer, accelerator, lr_schedule, id_batches: Iterator[dict],
                 outliers, steps: int, lambda_oe: float,
                 augment: Callable[[torch.Tensor | None], torch.Tensor | None] | None = None,
-                ) -> dict[str, float]:
+                augment_outliers: Callable[[torch.Tensor | None], torch.Tensor | None] | None
+                = None) -> dict[str, float]:
     """`steps` OE steps; the figures are summed on the device and read once, at the end.
 
     `outliers` is the cell's `OutlierStream`; `augment` (a `classify.augment.Augment`) is
-    applied to the ID rows and to the outlier rows, after the outliers are drawn from the
-    unaugmented ID batch. The Ray Train loop and the plain-loop benchmark both run this, so
-    what they time is the same work."""
+    applied to the ID rows and `augment_outliers` (default: the same) to the outlier rows,
+    after the outliers are drawn from the unaugmented ID batch. Two streams keep paired cells
+    paired: the ID rows' crops and flips do not depend on how many outlier rows were drawn.
+    The Ray Train loop and the plain-loop benchmark both run this, so what they time is the
+    same work."""
     model.train()
     sums = torch.zeros(len(STEP_FIGURES), device=accelerator.device)
     started, rows = time.perf_counter(), 0
@@ -54,7 +57,7 @@ def train_epoch(model, optimizer, accelerator, lr_schedule, id_batches: Iterator
         x, y = to_model_input(batch["image"]), batch["label"]
         x_out = outliers.next(x, y)
         if augment is not None:
-            x, x_out = augment(x), augment(x_out)
+            x, x_out = augment(x), (augment_outliers or augment)(x_out)
         sums += oe_step(model, optimizer, accelerator, x, y, x_out, lambda_oe)
         lr_schedule.step()
         rows += len(y)

@@ -153,10 +153,13 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
     if start_epoch and all(data[name].cached for name in ("id", synthetic) if name):
         skip_batches(id_batches, outliers, start_epoch * steps)
     for epoch in range(start_epoch, t.epochs):
-        augment = Augment(t.augment, derive_seed(card["seed"], card["run"], "augment", rank,
-                                                 epoch), device)
+        # the ID rows' augmentation is the pair's, the outliers' the cell's own
+        augment = Augment(t.augment, pair_seed(card, "augment", rank, epoch), device)
+        augment_outliers = Augment(t.augment, derive_seed(card["seed"], card["run"],
+                                                          "augment-outliers", rank, epoch), device)
         metrics = {**train_epoch(model, optimizer, accelerator, lr_schedule, id_batches,
-                                 outliers, steps, t.lambda_oe, augment), "epoch": epoch}
+                                 outliers, steps, t.lambda_oe, augment, augment_outliers),
+                   "epoch": epoch}
         write = None
         if epoch == t.epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
             unwrapped = accelerator.unwrap_model(model)
