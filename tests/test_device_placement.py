@@ -186,7 +186,7 @@ def test_knn_mahalanobis_fit_and_scoring_run_on_the_simulated_device(sim_run):
 
     images, _ = load_arrays(storage, test_dir)
     batch = {"image": images[:20].transpose(0, 3, 1, 2), "label": np.zeros(20, dtype=np.int64),
-             "dataset": np.full(20, "id")}
+             "dataset": np.full(20, "id"), "key": np.array([f"test-{i}" for i in range(20)])}
     with SimulatedAccelerator() as sim:
         fitted = fit_train_features(storage.uri, directory, layout.id_split("train"), 64, False,
                                     list(cfg.evaluate.scores))

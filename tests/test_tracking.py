@@ -53,6 +53,7 @@ def test_stages_epochs_and_results_reach_mlflow(tmp_path):
     scores = pd.DataFrame({
         "run": "softmax-none-s0", "loss": "softmax", "outliers": "none", "seed": 0,
         "score_name": "msp", "dataset": ["id"] * 20 + ["openset"] * 10 + ["gaussian"] * 10,
+        "sample": [f"s{i:02d}" for i in range(40)],
         "is_ood": [False] * 20 + [True] * 20, "score": rng.normal(size=40),
         "label": [0, 1] * 10 + [-1] * 20, "pred": [0, 1] * 10 + [0] * 20})
     results = aggregate(scores, {"openset": "near", "gaussian": "far"})

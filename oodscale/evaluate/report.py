@@ -485,7 +485,8 @@ def build_report(
         picked = results[results["score_name"] == results["loss"].map(chosen)]
         tables.append(Table(f"Main table, {protocol} protocol", summary_table(picked),
                             note=protocol_note(protocol, chosen, selected_on)))
-        tables.append(comparison_table(comparisons, protocol))
+        if (comparisons["protocol"] == protocol).any():  # a grid without pairs has none
+            tables.append(comparison_table(comparisons, protocol))
     summary = claims_summary(claims)
     if len(summary):
         tables.append(Table("The paper's claims, decided", summary, None,
