@@ -123,3 +123,17 @@ def test_write_report(tmp_path):
         path = out / link
         assert path.is_file() and path.stat().st_size > 0, link
     assert "../grid.png" in text
+
+
+def test_the_generators_sample_quality_is_reported(tmp_path):
+    scores = _scores(seeds=(0,))
+    quality = {"reference_test_accuracy": 99.4, "conditional_accuracy": 98.3,
+               "frechet_distance": 6.3, "mix_weaker_share": 0.09, "class_samples": 60,
+               "mix_samples": 60, "reference": "smallcnn softmax"}
+    write_report(aggregate(scores, GROUPS), scores, str(tmp_path), "T", quality=quality)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Generator sample quality" in text
+    assert "| (a) its accuracy on class-conditional samples (%) | 98.3 |" in text
+    assert "| (b) Fréchet distance, samples vs ID test images, in its embedding | 6.3 |" in text
+    write_report(aggregate(scores, GROUPS), scores, str(tmp_path / "none"), "T")
+    assert "sample quality" not in (tmp_path / "none" / "report.md").read_text()

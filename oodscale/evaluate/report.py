@@ -373,6 +373,30 @@ def conventions(results: pd.DataFrame, scores: pd.DataFrame) -> list[str]:
     ]
 
 
+QUALITY_LABELS = {
+    "reference_test_accuracy": "reference classifier's accuracy on ID test images (%)",
+    "conditional_accuracy": "(a) its accuracy on class-conditional samples (%)",
+    "frechet_distance": "(b) Fréchet distance, samples vs ID test images, in its embedding",
+    "mix_mass_a": "(c) label-mixup samples: mean probability of class a",
+    "mix_mass_b": "(c) label-mixup samples: mean probability of class b",
+    "mix_pair_mass": "(c) label-mixup samples: mean probability of a or b",
+    "mix_weaker_share": "(c) the weaker of a, b's share of their mass (0.5: evenly between)",
+    "mix_entropy": "(c) entropy of the reference's prediction (nats)",
+}
+
+
+def quality_table(quality: dict[str, Any]) -> Table:
+    """The generator's sample quality from its card (`diffusion/quality.py`)."""
+    rows = [{"figure": label, "value": f"{quality[key]:.3g}"}
+            for key, label in QUALITY_LABELS.items() if key in quality]
+    return Table("Generator sample quality", pd.DataFrame(rows), None,
+                 f"Measured when the generator was trained (`diffusion.quality_per_class`), by "
+                 f"a reference classifier ({quality.get('reference', 'see model.json')}) on "
+                 f"{quality.get('class_samples', '?')} class-conditional and "
+                 f"{quality.get('mix_samples', 0)} label-mixup samples: a weak generator reads "
+                 "as low (a), high (b); between-class outliers as (c) mass split over a and b.")
+
+
 def _set_table(scores: pd.DataFrame, results: pd.DataFrame,
                set_sources: dict[str, str] | None) -> Table:
     """Each test set's size, group and number of distinct source images."""
@@ -434,6 +458,7 @@ def build_report(
     set_sources: dict[str, str] | None = None,
     n_boot: int = 1000,
     boot_seed: int = 0,
+    quality: dict[str, Any] | None = None,
 ) -> ReportContent:
     """Tables, intervals and claims from the frames; plots rendered to ``out_dir/plots/*.png``.
 
@@ -493,6 +518,8 @@ def build_report(
                             "Computed from the paired intervals above (`claims.parquet`): "
                             "holds where every loss's interval excludes zero on the claimed "
                             "side, fails where one excludes it on the other, else undecided."))
+    if quality:
+        tables.append(quality_table(quality))
     tables += [
         _set_table(scores, results, set_sources),
         Table("Every score (mean over the OOD sets of each group)", summary_table(results)),
@@ -526,6 +553,7 @@ def write_report(
     selection: pd.DataFrame | None = None,
     set_sources: dict[str, str] | None = None,
     n_boot: int = 1000,
+    quality: dict[str, Any] | None = None,
 ) -> str:
     """Write ``report.md``, ``comparisons.parquet``, ``claims.parquet`` and ``plots/*.png``
     under a local ``out_dir``, and with ``provenance`` (`report_html.provenance`) the
@@ -534,7 +562,7 @@ def write_report(
     Returns the paper protocol's main table and the claims, for a CLI to print.
     """
     content = build_report(results, scores, out_dir, title, extra_images, selection,
-                           set_sources, n_boot)
+                           set_sources, n_boot, quality=quality)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown_report(content))
     content.comparisons.to_parquet(os.path.join(out_dir, "comparisons.parquet"), index=False)

@@ -25,6 +25,7 @@ from oodscale.config import ExperimentConfig
 from oodscale.data.shards import iter_samples, read_manifest, shard_paths, try_read_manifest
 from oodscale.data.streams import read_shards
 from oodscale.data.validation import VAL_SPLIT
+from oodscale.diffusion.generators import MODEL_CARD
 from oodscale.errors import InputError, MissingError
 from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train
 from oodscale.evaluate.report import aggregate, write_report
@@ -260,6 +261,14 @@ def set_sources(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
     return out
 
 
+def generator_quality(layout: RunLayout) -> dict[str, Any] | None:
+    """The sample quality the generator's card records, if it was measured."""
+    card = f"{layout.diffusion_dir}/{MODEL_CARD}"
+    if not layout.storage.exists(card):
+        return None
+    return json.loads(layout.storage.read_bytes(card)).get("quality")
+
+
 def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFrame,
                   scores: pd.DataFrame) -> str:
     """report.md, report.html and plots/ from the two frames (plus provenance), written under
@@ -282,7 +291,7 @@ def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFram
         summary = write_report(results, scores, str(out), title=f"oodscale — {cfg.name}",
                                extra_images=extra, provenance=prov, selection=selection,
                                set_sources=set_sources(cfg, layout),
-                               n_boot=cfg.evaluate.bootstrap)
+                               n_boot=cfg.evaluate.bootstrap, quality=generator_quality(layout))
         for path in sorted(out.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(out).as_posix()
