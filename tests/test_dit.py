@@ -218,20 +218,6 @@ def test_weights_that_are_not_a_dit_pipeline_directory_are_refused(tmp_path):
         resolve_weights(None)
 
 
-def test_a_run_with_the_old_synthetic_directory_is_told_to_rename_it(tmp_path):
-    from oodscale.data.shards import Manifest, write_manifest
-    from oodscale.diffusion.generate import generate_variant
-    from oodscale.runtime import layout_for
-
-    cfg = load_config(CONFIG, [f"storage.root={tmp_path}"])
-    layout = layout_for(cfg)
-    old = Manifest(kind="synthetic", split="labelmix", image_size=16, channels=1,
-                   class_names=[], extra={"params": {"guidance": 3.0}})
-    write_manifest(layout.storage, layout.synthetic_variant("synthetic"), old)
-    with pytest.raises(ValueError, match="rename it to synthetic-w3"):
-        generate_variant(cfg, layout, "synthetic-w3")
-
-
 @torch.no_grad()
 def test_guided_sampling_of_one_hot_labels_matches_diffusers_ditpipeline(tmp_path):
     """The whole sampling path (noise, guidance against the null class, DDIM on the DiT's own
