@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,12 @@ HEAVY = ("torch", "pytorch_metric_learning", "webdataset", "diffusers")
 
 def _heavy_after(code: str) -> list[str]:
     """The heavy modules a fresh interpreter holds after running `code`."""
-    probe = f"{code}\nimport sys\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    probe = (f"{code}\nimport json, sys\n"
+             f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           cwd=PACKAGE.parent, timeout=120)
     assert done.returncode == 0, done.stderr
-    return eval(done.stdout.strip().splitlines()[-1])  # a list literal we printed
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_config_and_help_import_nothing_heavy():

@@ -62,8 +62,7 @@ def decide_claims(comparisons: pd.DataFrame, oe_source: str = "labelmix") -> pd.
     """One row per (protocol, claim, loss, group, metric) with its verdict."""
     rows = []
     for claim in CLAIMS:
-        part = comparisons[claim.rows(comparisons, oe_source)] if len(comparisons) else comparisons
-        for _, row in part.iterrows():
+        for _, row in comparisons[claim.rows(comparisons, oe_source)].iterrows():
             rows.append({"protocol": row["protocol"], "claim": claim.text, "loss": row["loss"],
                          "outliers": row["outliers"], "group": row["group"],
                          "metric": row["metric"], "diff": row["diff"], "ci_low": row["ci_low"],

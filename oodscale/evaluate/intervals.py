@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from oodscale.errors import InputError
-from oodscale.evaluate.metrics import TPR_TARGET
+from oodscale.evaluate.metrics import TPR_TARGET, ood_metrics
 
 METRICS = ("fpr95", "auroc")
 LOWER_IS_BETTER = {"fpr95": True, "auroc": False, "id_acc": False}
@@ -86,10 +86,10 @@ class PairedBootstrap:
     def __init__(self, scores: pd.DataFrame, groups: dict[str, str], n_boot: int, seed: int,
                  sides: Iterable[Side]):
         self.n_boot, self.seed, self.groups = n_boot, seed, groups
-        wanted = {(s.loss, s.outliers, s.score_name) for s in sides}
-        keep = pd.Series(list(zip(scores["loss"], scores["outliers"], scores["score_name"],
-                                  strict=True)), index=scores.index).isin(wanted)
-        part = scores[keep]
+        cell = ["loss", "outliers", "score_name"]
+        wanted = pd.DataFrame(sorted({(s.loss, s.outliers, s.score_name) for s in sides}),
+                              columns=cell)
+        part = scores.merge(wanted, on=cell)
         self.runs = {key: dict(zip(p["seed"], p["run"], strict=True)) for key, p in
                      part[["loss", "outliers", "seed", "run"]].drop_duplicates().groupby(
                          ["loss", "outliers"])}
@@ -120,10 +120,9 @@ class PairedBootstrap:
         key = (run, score_name, ood_set)
         if key not in self._draws:
             ids, oods = self._values[run, score_name, "id"], self._values[key]
-            point = weighted_ood_metrics(ids, oods, np.ones((1, len(ids))),
-                                         np.ones((1, len(oods))))
+            point = ood_metrics(ids, oods)  # the value results.parquet holds
             draws = weighted_ood_metrics(ids, oods, self._weights["id"], self._weights[ood_set])
-            self._draws[key] = {m: (float(point[m][0]), draws[m]) for m in METRICS}
+            self._draws[key] = {m: (point[m], draws[m]) for m in METRICS}
         return self._draws[key][metric]
 
     def _run_metric(self, run: str, score_name: str, group: str, metric: str,
