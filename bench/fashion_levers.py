@@ -9,8 +9,8 @@ links, the main benchmark's prepared data and DDPM, and its synthetic shards whe
 leaves generation alone; `oodscale run` then draws what is missing, trains, calibrates and
 evaluates.
 
-`table` prints, for softmax without OE, the loss with default label-mixup OE (both from the main
-benchmark `runs/fashion`) and every lever run, the mean FPR95 over seeds on the validation sets
+`table` prints, for softmax without OE, the loss with each outlier source of the main benchmark
+`runs/fashion` and every lever run, the mean FPR95 over seeds on the validation sets
 (near: the held-out classes' training images; far: digits the test set did not draw, noise)
 next to the test FPR95 (near; far real images; far noise). Each row uses the score that is best
 on its validation sets. `val margin` is the smaller of a row's two validation margins over
@@ -37,9 +37,13 @@ LEVERS: dict[str, tuple[str, list[str], bool]] = {
     "oe1": ("labelmix", ["train.lambda_oe=1.0"], False),
     "oe025": ("labelmix", ["train.lambda_oe=0.25"], False),
     "noise": ("labelmix+noise", [], False),
-    "pixelmix": ("labelmix+pixelmix", [], False),
     "lam-uniform": ("labelmix", ["generate.lam={kind: uniform, low: 0.2, high: 0.8}"], True),
     "sum": ("labelmix", ["generate.mode=sum"], True),
+    "composed": ("labelmix", ["generate.mode=composed"], True),
+    # the outlier count: the first 4 or 16 of the benchmark's 32 shards (a shard's samples
+    # depend on its index alone, so these are the same images), each shown 8x or 2x as often
+    "n2k": ("labelmix", ["generate.num_shards=4"], True),
+    "n8k": ("labelmix", ["generate.num_shards=16"], True),
 }
 
 
@@ -102,9 +106,11 @@ def _frames(eval_dir: Path, loss: str, outliers: str) -> tuple[pd.DataFrame, pd.
 
 
 def table(root: Path, loss: str) -> str:
-    rows = [_row("softmax, no OE", *_frames(root / MAIN / "eval", "softmax", "none")),
-            _row(f"{loss}, label-mixup (default)",
-                 *_frames(root / MAIN / "eval", loss, "labelmix"))]
+    main_eval = root / MAIN / "eval"
+    sources = pd.read_parquet(main_eval / "results.parquet").query("loss == @loss")["outliers"]
+    rows = [_row("softmax, no OE", *_frames(main_eval, "softmax", "none"))]
+    rows += [_row(f"{loss}, {source} (benchmark)", *_frames(main_eval, loss, source))
+             for source in sorted(set(sources) - {"none"})]
     for name, (source, overrides, _) in LEVERS.items():
         eval_dir = root / lever_name(loss, name) / "eval"
         if (eval_dir / "val_results.parquet").exists():

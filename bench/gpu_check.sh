@@ -1,28 +1,6 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the project's GPU check (bench/gpu_check.py) with whatever Python has the
-# packages: this checkout's .venv when `make install` made one, else the host's python3 plus the
-# offline wheel bundle in .whl/ (docs/gpu.md; built with ../shared/gpu/make_bundle.sh .whl).
-# Arguments go to bench/gpu_check.py, e.g. `bench/gpu_check.sh --out "$OUT/gpu_check.md"`.
+# `make gpu-check`: the project's GPU check (bench/gpu_check.py) with the packages gpu_python.sh
+# finds. Arguments go to bench/gpu_check.py, e.g. `bench/gpu_check.sh --out "$OUT/gpu_check.md"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -x .venv/bin/python ]; then
-  exec .venv/bin/python bench/gpu_check.py "$@"
-fi
-missing=$(python3 - <<'PY'
-import importlib.util
-need = ["ray", "diffusers", "pytorch_metric_learning", "webdataset", "pydantic", "accelerate"]
-print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
-PY
-)
-if [ -n "$missing" ]; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "gpu_check: python3 lacks $missing and there is no .whl/ bundle; on a machine with" \
-         "PyPI run ../shared/gpu/make_bundle.sh .whl (docs/gpu.md), or make install" >&2
-    exit 2
-  fi
-  site=${OODSCALE_SITE:-/tmp/oodscale-site}
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl
-  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-exec python3 bench/gpu_check.py "$@"
+exec bench/gpu_python.sh bench/gpu_check.py "$@"

@@ -284,10 +284,11 @@ class DiffusionConfig(WorkerConfig):
                     "(EMAModel's use_ema_warmup with inv_gamma 1), so early steps average "
                     "over few weights; None = EMAModel's (1 + n)/(10 + n) ramp.")
     quality_per_class: int = Field(
-        0, ge=0, le=100_000,
+        32, ge=0, le=100_000,
         description="Sample quality in the card (model.json, diffusion/quality.py): this many "
                     "class-conditional samples per class and as many label-mixup ones, read by "
-                    "a reference classifier trained on the ID data; 0 = not measured.")
+                    "the run's reference classifier (<run>/reference, trained on the ID "
+                    "training split); 0 = not measured.")
 
     @field_validator("block_out_channels")
     @classmethod
@@ -347,6 +348,11 @@ class GenerateConfig(_Section):
     cpus_per_actor: float = Field(0.5, gt=0.0, le=MAX_CPUS)
     use_gpu: bool | None = None
     grid_per_class: int = Field(6, ge=1, le=1_000)
+    quality_samples: int = Field(
+        1000, ge=0, le=1_000_000,
+        description="How between their two classes the drawn outliers are (mass on a and b, "
+                    "entropy), read by the run's reference classifier on this many of them "
+                    "and recorded in the shards' manifest and the report; 0 = not measured.")
     filter_tau: float = Field(
         0.9, gt=0.0, le=1.0,
         description="-filtered variants drop samples a plain ID classifier gives MSP > tau.")
@@ -419,6 +425,15 @@ class TrainConfig(WorkerConfig):
     outlier_batch_size: int = Field(64, ge=1, le=MAX_BATCH,
                                     description="Outliers per worker per step.")
     lr: float = Field(1e-3, gt=0.0, le=10.0)
+    finetune_epochs: int = Field(
+        5, ge=1, le=MAX_EPOCHS,
+        description="Epochs of a -ft cell (e.g. labelmix-ft): OE fine-tuning of the finished "
+                    "none cell of its loss and seed, as the OE paper does, instead of OE "
+                    "training from scratch.")
+    finetune_lr: float | None = Field(
+        None, gt=0.0, le=10.0,
+        description="Peak lr of a -ft cell's fine-tuning (one-cycle, as training); None = "
+                    "train.lr / 10.")
     weight_decay: float = Field(5e-4, ge=0.0, le=10.0)
     lambda_oe: float = Field(0.5, ge=0.0, le=1000.0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -434,6 +449,18 @@ class TrainConfig(WorkerConfig):
             able = ", ".join(n for n, spec in BACKBONES.items() if spec.torchvision_init)
             raise ValueError(f"train.init_checkpoint loads torchvision ResNets; "
                              f"train.backbone={self.backbone} is not one ({able})")
+        return self
+
+    @model_validator(mode="after")
+    def _finetuned_cells_have_their_start(self) -> TrainConfig:
+        from oodscale.outlier_sources import FINETUNE
+
+        lonely = [f"{loss}-{o}" for loss, o in self.cells
+                  if o.endswith(FINETUNE) and (loss, "none") not in self.cells]
+        if lonely:
+            raise ValueError(f"cells {lonely} fine-tune the none cell of their loss, which the "
+                             f"grid lacks: add none to train.outliers (or to their "
+                             f"train.extra_cells group)")
         return self
 
     @field_validator("losses", "outliers", "seeds")

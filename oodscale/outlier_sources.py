@@ -7,6 +7,10 @@ Generator sources live in directories named by their own settings, never relativ
 config's current default: `labelmix` (guidance = generate.guidance, say 3) reads
 `<run>/synthetic-w3`, `labelmix-w1-filtered` reads `<run>/synthetic-w1-filtered`.
 Adding a source: its function and one row of `SOURCES`.
+
+Any source but `none` may end in `-ft` (`labelmix-ft`): the cell then fine-tunes the finished
+`none` cell of its loss and seed with OE for `train.finetune_epochs` (the OE paper's schedule)
+instead of training from scratch; it reads the same shards as the source without `-ft`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class OutlierSource:
     family: str
     guidance: float | None = None
     filtered: bool = False
+    finetune: bool = False
 
     @property
     def needs_generator(self) -> bool:
@@ -69,7 +74,7 @@ class OutlierSource:
 
     @property
     def unfiltered(self) -> OutlierSource:
-        return OutlierSource(self.family, self.guidance, False)
+        return OutlierSource(self.family, self.guidance, False, self.finetune)
 
 
 def synthetic_dirname(guidance: float) -> str:
@@ -77,19 +82,25 @@ def synthetic_dirname(guidance: float) -> str:
     return f"synthetic-w{guidance:g}"
 
 
+FINETUNE = "-ft"  # the suffix of a source whose cell fine-tunes its `none` cell
+
+
 def parse_source(name: str, default_guidance: float) -> OutlierSource:
     """The source a name asks for; a generator source without `-w<g>` uses the default."""
+    finetune = name.endswith(FINETUNE) and name != "none" + FINETUNE
+    base = name.removesuffix(FINETUNE) if finetune else name
     for family, spec in SOURCES.items():
-        match = re.fullmatch(spec.pattern, name)
+        match = re.fullmatch(spec.pattern, base)
         if match is None:
             continue
         if not spec.needs_generator:
-            return OutlierSource(family)
+            return OutlierSource(family, finetune=finetune)
         w = match.groupdict().get("w")
         return OutlierSource(family, float(w) if w else default_guidance,
-                             bool(match.groupdict().get("filtered")))
+                             bool(match.groupdict().get("filtered")), finetune)
     valid = ", ".join(spec.syntax for spec in SOURCES.values())
-    raise InputError(f"unknown outlier source {name!r}; valid: {valid}")
+    raise InputError(f"unknown outlier source {name!r}; valid: {valid}; any but none may end "
+                     f"in {FINETUNE} (OE fine-tuning of the finished none cell)")
 
 
 def check_source_name(name: str) -> str:

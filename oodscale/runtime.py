@@ -161,6 +161,11 @@ class RunLayout:
         oodscale.outlier_sources, by the source's own guidance)."""
         return self._p(dirname)
 
+    @property
+    def reference_dir(self) -> str:
+        """The reference classifier every sample-quality figure of the run reads."""
+        return self._p("reference")
+
     def classifier_dir(self, run: str) -> str:
         return self._p("classifiers", run)
 

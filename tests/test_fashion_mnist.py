@@ -101,9 +101,14 @@ def test_digits_validation_images_are_never_test_images():
 def test_the_benchmark_grid_and_its_checks():
     cfg = load_config(FASHION)
     cells = {(s.loss, s.outliers) for s in grid(cfg)}
-    assert len(grid(cfg)) == 3 * len(cells) == 60
+    assert len(grid(cfg)) == 3 * len(cells) == 66
     assert ("arcface", "pixelmix") in cells and ("cosface", "pixelmix") not in cells
-    assert cfg.train.outlier_sources[-1] == "pixelmix"
+    assert ("adacos", "labelmix-ft") in cells
+    assert cfg.train.outlier_sources[-1] == "labelmix+pixelmix"
+    # enough outliers that none is shown more than about twice over a cell's training
+    steps = 3240 // (cfg.train.batch_size * cfg.train.num_workers)
+    draws = cfg.train.epochs * steps * cfg.train.num_workers * cfg.train.outlier_batch_size
+    assert draws <= 2 * cfg.generate.num_shards * cfg.generate.samples_per_shard
     with pytest.raises(ConfigError, match="'digits' OOD set"):
         load_config(FASHION, ["data.source=digits"])
     with pytest.raises(ConfigError, match="labelmix-w"):

@@ -39,6 +39,19 @@ def test_generator_sources_are_distinct_with_the_default_first():
                                           "synthetic-w1"]
 
 
+def test_a_finetune_suffix_reads_the_same_shards_and_needs_its_none_cell():
+    tuned = parse_source("labelmix-w1-ft", 3.0)
+    assert tuned.finetune and tuned.dirname == "synthetic-w1" and tuned.guidance == 1.0
+    assert parse_source("noise-ft", 3.0) == OutlierSource("noise", finetune=True)
+    assert not parse_source("labelmix", 3.0).finetune
+    with pytest.raises(ValueError, match="unknown outlier source 'none-ft'"):
+        parse_source("none-ft", 3.0)
+    cfg = load_config(DIGITS, ["train.outliers=[none,labelmix-ft]"])
+    assert ("softmax", "labelmix-ft") in cfg.train.cells
+    with pytest.raises(ConfigError, match="add none to train.outliers"):
+        load_config(DIGITS, ["train.outliers=[labelmix,labelmix-ft]"])
+
+
 def test_unknown_source_is_a_config_error_listing_valid_ones():
     with pytest.raises(ValueError, match="pixelmix"):
         check_source_name("labelmx")

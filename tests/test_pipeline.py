@@ -87,6 +87,10 @@ def test_generate_wrote_provenance_and_grid(run_root):
     assert (root / "digits" / "synthetic-w3" / "grid.png").stat().st_size > 1000
     from oodscale.data.shards import load_arrays
 
+    # how between their classes the drawn outliers are, read by the run's reference classifier
+    quality = manifest.extra["quality"]
+    assert quality["mix_samples"] == 36 and 0 <= quality["mix_weaker_share"] <= 0.5
+    assert (root / "digits" / "reference" / "classifier.json").is_file()
     images, metas = load_arrays(storage, syn_dir)
     assert images.shape == (36, 16, 16, 1)
     for meta in metas:
@@ -152,6 +156,8 @@ def test_evaluate_wrote_scores_results_and_report(run_root):
     val = pd.read_parquet(eval_dir / "val_results.parquet")
     assert set(val["ood_set"]) == {"openset", "gaussian"} and len(val) == 6 * 4 * 2
     assert "validation sets alone" in report and "`openset`" in report
+    assert "## Generator sample quality" in report
+    assert "## Drawn outliers, read by the reference classifier" in report
     assert list((eval_dir / "plots").glob("*.png"))
 
 
@@ -180,6 +186,34 @@ def test_ambiguity_filter_keeps_unsure_samples_with_their_score(run_root):
     assert len(metas) == manifest.extra["kept"]
     assert all(m["filter_msp"] <= 0.99 and m["filter_tau"] == 0.99 for m in metas)
     assert all(m["filter_model"] == "softmax-none-s0" for m in metas)
+
+
+def test_a_finetuned_cell_starts_from_its_finished_none_cell(run_root, tmp_path):
+    from safetensors.torch import load_file
+
+    root, _ = run_root
+    other = tmp_path / "runs"
+    for part in ("data", "diffusion", "synthetic-w3", "classifiers/softmax-none-s0"):
+        shutil.copytree(root / "digits" / part, other / "digits" / part)
+    overrides = [f"storage.root={other}", *TINY, "train.losses=[softmax]",
+                 "train.outliers=[none,labelmix-ft]", "train.finetune_epochs=1",
+                 "train.finetune_lr=1e-9"]
+    assert main(["train", CONFIG, *overrides]) == 0
+    tuned_dir = other / "digits" / "classifiers" / "softmax-labelmix-ft-s0"
+    card = json.loads((tuned_dir / "classifier.json").read_text())
+    assert card["finetunes"] == "softmax-none-s0" and card["epoch"] == 0 and card["lr"] == 1e-9
+
+    def parameters(run_dir: Path) -> dict:
+        weights = load_file(str(run_dir / "model.safetensors"))
+        return {k: v for k, v in weights.items()
+                if "running" not in k and "num_batches" not in k}
+
+    tuned, start = parameters(tuned_dir), parameters(root / "digits" / "classifiers" /
+                                                     "softmax-none-s0")
+    scratch = parameters(root / "digits" / "classifiers" / "softmax-labelmix-s0")
+    # at lr 1e-9 fine-tuning leaves the none cell's weights; OE from scratch does not
+    assert max((tuned[k] - start[k]).abs().max().item() for k in start) < 1e-5
+    assert max((scratch[k] - start[k]).abs().max().item() for k in start) > 1e-2
 
 
 def test_rerun_skips_finished_stages(run_root, capsys):

@@ -23,7 +23,13 @@ import torch
 from oodscale import tracking
 from oodscale.classify.ambiguity import filter_synthetic
 from oodscale.classify.augment import Augment
-from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
+from oodscale.classify.checkpoints import (
+    CARD,
+    WEIGHTS,
+    classifier_from_card,
+    load_classifier,
+    save_classifier,
+)
 from oodscale.classify.grid import RunSpec, grid
 from oodscale.classify.pretrained import init_from_torchvision
 from oodscale.classify.step import train_epoch
@@ -71,13 +77,23 @@ def initial_classifier(card: dict[str, Any]):
 
 def _card(cfg: ExperimentConfig, spec: RunSpec, manifest: Manifest) -> dict[str, Any]:
     t = cfg.train
-    return {"loss": spec.loss, "outliers": spec.outliers, "seed": spec.seed, "run": spec.name,
+    card = {"loss": spec.loss, "outliers": spec.outliers, "seed": spec.seed, "run": spec.name,
             "backbone": t.backbone, "embedding_dim": t.embedding_dim,
             "head_options": t.head_options.get(spec.loss, {}),
             "num_classes": len(manifest.class_names), "class_names": manifest.class_names,
             "image_size": manifest.image_size, "channels": manifest.channels,
             "lambda_oe": t.lambda_oe, "epochs": t.epochs, "init_checkpoint": t.init_checkpoint,
             "augment": t.augment.model_dump()}
+    if parse_source(spec.outliers, cfg.generate.guidance).finetune:
+        card.update(epochs=t.finetune_epochs, lr=finetune_lr(cfg),
+                    finetunes=RunSpec(spec.loss, "none", spec.seed).name)
+    return card
+
+
+def finetune_lr(cfg: ExperimentConfig) -> float:
+    """The peak lr of OE fine-tuning: `train.finetune_lr`, by default a tenth of `train.lr`
+    (the converged classifier is moved, not retrained)."""
+    return cfg.train.finetune_lr or cfg.train.lr / 10
 
 
 @dataclass
@@ -127,12 +143,15 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
     t = cfg.train
     rank = ray.train.get_context().get_world_rank()
     model = initial_classifier(card)
-    if t.init_checkpoint and resume is None:
+    if "finetunes" in card and resume is None:
+        model.load_state_dict(_finished_weights(layout, card["finetunes"]))
+    elif t.init_checkpoint and resume is None:
         init_from_torchvision(model.backbone, t.init_checkpoint)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    lr, epochs = card.get("lr", t.lr), card["epochs"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=t.weight_decay)
     steps = config["steps_per_epoch"]
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.15)
+        optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.15)
     start_epoch, metrics = 0, {}
     if resume is not None:
         model.load_state_dict(resume.weights)
@@ -152,7 +171,7 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
         if synthetic else None)
     if start_epoch and all(data[name].cached for name in ("id", synthetic) if name):
         skip_batches(id_batches, outliers, start_epoch * steps)
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, epochs):
         # the ID rows' augmentation is the pair's, the outliers' the cell's own
         augment = Augment(t.augment, pair_seed(card, "augment", rank, epoch), device)
         augment_outliers = Augment(t.augment, derive_seed(card["seed"], card["run"],
@@ -161,7 +180,7 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
                                  outliers, steps, t.lambda_oe, augment, augment_outliers),
                    "epoch": epoch}
         write = None
-        if epoch == t.epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
+        if epoch == epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
             unwrapped = accelerator.unwrap_model(model)
 
             def write(path: Path, unwrapped=unwrapped, epoch=epoch) -> None:
@@ -174,11 +193,20 @@ def train_cell(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any], a
     if accelerator.is_main_process:
         # first_epoch > 0 says the cell resumed from a checkpoint rather than starting over
         summary = {**{k: metrics.get(k) for k in SUMMARY_KEYS}, "first_epoch": start_epoch}
-        final = {**card, "epoch": t.epochs - 1, "step": t.epochs * steps, "train": summary}
+        final = {**card, "epoch": epochs - 1, "step": epochs * steps, "train": summary}
         with tempfile.TemporaryDirectory() as tmp:
             save_classifier(accelerator.unwrap_model(model), final, Path(tmp))
             publish_dir(layout.storage, tmp, layout.classifier_dir(card["run"]), last=(CARD,))
         print(f"[oodscale] trained {card['run']}", flush=True)
+    accelerator.wait_for_everyone()  # a later cell may fine-tune this one: it must be published
+
+
+def _finished_weights(layout: RunLayout, run: str) -> dict[str, torch.Tensor]:
+    """The published weights of the cell `run` (the `none` cell a `-ft` cell fine-tunes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = load_classifier(layout.storage.fetch_dir(layout.classifier_dir(run),
+                                                            Path(tmp)))
+    return model.state_dict()
 
 
 def skip_batches(id_batches, outliers: OutlierStream, steps: int) -> None:
@@ -259,13 +287,17 @@ def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str
 
     pending = [s for s in grid(cfg) if not finished(s)]
     filtered = [s for s in pending if parse_source(s.outliers, default).filtered]
-    first = [s for s in pending if s not in filtered]
+    # a -ft cell fine-tunes its none cell, so it trains after every cell without -ft
+    first = sorted((s for s in pending if s not in filtered),
+                   key=lambda s: parse_source(s.outliers, default).finetune)
     plain = RunSpec("softmax", "none", cfg.train.seeds[0])
     if filtered and not finished(plain) and plain not in first:
         first.insert(0, plain)
     cells = {s.name: {"loss": s.loss, "outliers": s.outliers, "seed": s.seed}
              for s in first + filtered}
-    with epoch_progress("train", len(cells), cfg.train.epochs, tracking.epoch_logger(cells)):
+    epochs = sum(cfg.train.finetune_epochs if parse_source(s.outliers, default).finetune
+                 else cfg.train.epochs for s in first + filtered)
+    with epoch_progress("train", 1, epochs, tracking.epoch_logger(cells)):
         for group, name in ((first, f"{cfg.name}-classifiers"),
                             (filtered, f"{cfg.name}-classifiers-filtered")):
             if not group:

@@ -123,7 +123,30 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
         raise
     if grid is not None:
         ray.get(grid)
+    if gen.quality_samples and "quality" not in manifest.extra:
+        manifest.extra["quality"] = measure_drawn(cfg, layout, out_dir)
+        write_manifest(storage, out_dir, manifest)
     return manifest
+
+
+def measure_drawn(cfg: ExperimentConfig, layout: RunLayout, out_dir: str) -> dict[str, Any]:
+    """How "between" the drawn outliers are (`quality.measure_outliers`), in a Ray task with
+    a sampling actor's resources; recorded in the shards' manifest and the report."""
+    import ray
+
+    from oodscale.diffusion.quality import measure_outliers
+
+    gen = cfg.generate
+    use_gpu = resolve_use_gpu(gen.use_gpu)
+    task = ray.remote(measure_outliers).options(num_cpus=gen.cpus_per_actor,
+                                                num_gpus=1 if use_gpu else 0)
+    figures = ray.get(task.remote(layout.storage.uri, layout.experiment, cfg.seed, out_dir,
+                                  gen.quality_samples, use_gpu))
+    print(f"[oodscale] {out_dir.rsplit('/', 1)[-1]}: {figures['mix_samples']} outliers put "
+          f"{figures['mix_pair_mass']:.2f} of the reference's mass on their two classes "
+          f"(weaker share {figures['mix_weaker_share']:.2f}), entropy "
+          f"{figures['mix_entropy_ratio']:.2f} of log K", flush=True)
+    return figures
 
 
 def _draw_shards(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],

@@ -14,15 +14,23 @@ Images are uint8 N×C×H×W, as the shards hold them.
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from oodscale.classify.cards import CARD
+from oodscale.classify.checkpoints import load_classifier, save_classifier
 from oodscale.classify.models import OODClassifier, build_classifier
-from oodscale.data.streams import to_model_input
+from oodscale.data.shards import iter_raw_samples, read_manifest, sample_image, shard_paths
+from oodscale.data.streams import read_rows, to_model_input
+from oodscale.distributed import publish_dir
 from oodscale.errors import InputError
+from oodscale.runtime import RunLayout, Storage, derive_seed, open_storage
 
 
 def train_reference(images: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int = 10,
@@ -155,39 +163,85 @@ def draw_quality_samples(model, gen, class_map: list[int], per_class: int, seed:
 
 
 REFERENCE_EPOCHS = 15  # the reference classifier's epochs over the ID training split
+REFERENCE_DESCRIPTION = f"smallcnn softmax, {REFERENCE_EPOCHS} epochs on the ID training split"
+
+
+def reference_classifier(storage: Storage, layout: RunLayout, run_seed: int,
+                         device: torch.device | str) -> OODClassifier:
+    """The run's reference classifier, trained the first time a quality figure needs it and
+    published under `<run>/reference`, so the DDPM's card and every generation run are read by
+    the same classifier (and a rerun does not train it again)."""
+    directory = layout.reference_dir
+    if storage.exists(f"{directory}/{CARD}"):
+        with tempfile.TemporaryDirectory() as tmp:
+            model, _ = load_classifier(storage.fetch_dir(directory, Path(tmp)))
+        return model.to(device)
+    manifest = read_manifest(storage, layout.id_split("train"))
+    train = read_rows(storage, layout.id_split("train"))
+    classes = len(manifest.class_names)
+    seed = derive_seed(run_seed, "quality")
+    model = train_reference(train["image"].numpy(), train["label"].numpy(), classes,
+                            epochs=REFERENCE_EPOCHS, seed=seed, device=device)
+    card = {"loss": "softmax", "outliers": "none", "seed": seed, "run": "reference",
+            "backbone": "smallcnn", "embedding_dim": 64, "head_options": {},
+            "num_classes": classes, "class_names": manifest.class_names,
+            "image_size": manifest.image_size, "channels": manifest.channels,
+            "epochs": REFERENCE_EPOCHS, "purpose": REFERENCE_DESCRIPTION}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_classifier(model, card, Path(tmp))
+        publish_dir(storage, tmp, directory, last=(CARD,))
+    return model
 
 
 def measure_stored_ddpm(storage_root: str, cfg_dict: dict[str, Any], card: dict[str, Any],
                         use_gpu: bool) -> dict[str, Any]:
-    """The quality figures of the run's published DDPM, for its card: a reference classifier
-    trained on the ID training split, `diffusion.quality_per_class` class-conditional and as
-    many label-mixup samples drawn as `generate` would draw them, the ID test split to compare
-    with. Runs where a Ray task puts it (a GPU worker when training uses GPUs)."""
+    """The quality figures of the run's published DDPM, for its card: the run's reference
+    classifier, `diffusion.quality_per_class` class-conditional and as many label-mixup samples
+    drawn as `generate` would draw them, the ID test split to compare with. Runs where a Ray
+    task puts it (a GPU worker when training uses GPUs)."""
     from oodscale.config import ExperimentConfig
-    from oodscale.data.streams import read_rows
     from oodscale.devices import worker_device
     from oodscale.diffusion.generators import load_generator
     from oodscale.diffusion.sample import sampling_autocast
-    from oodscale.runtime import RunLayout, derive_seed, open_storage
 
     cfg = ExperimentConfig.model_validate(cfg_dict)
     storage = open_storage(storage_root)
     layout = RunLayout(storage, cfg.name)
     device = worker_device(use_gpu)
-    train = read_rows(storage, layout.id_split("train"))
     test = read_rows(storage, layout.id_split("test"))
-    classes = card["num_classes"]
-    reference = train_reference(train["image"].numpy(), train["label"].numpy(), classes,
-                                epochs=REFERENCE_EPOCHS, seed=derive_seed(cfg.seed, "quality"),
-                                device=device)
+    reference = reference_classifier(storage, layout, cfg.seed, device)
     model = load_generator(storage, layout.diffusion_dir, card).to(device)
     gen = cfg.generate
     with sampling_autocast(device, gen.mixed_precision):
-        drawn = draw_quality_samples(model, gen, list(range(classes)),
+        drawn = draw_quality_samples(model, gen, list(range(card["num_classes"])),
                                      cfg.diffusion.quality_per_class,
                                      derive_seed(cfg.seed, "quality-samples"), device)
     figures = sample_quality(reference, test["image"].numpy(), test["label"].numpy(), **drawn)
-    return {**figures, "reference": f"smallcnn softmax, {REFERENCE_EPOCHS} epochs on the ID "
-                                    f"training split",
+    return {**figures, "reference": REFERENCE_DESCRIPTION,
             "sampling": {"sampler": gen.sampler, "steps": gen.steps, "guidance": gen.guidance,
                          "mode": gen.mode, "lam": gen.lam.model_dump()}}
+
+
+def measure_outliers(storage_root: str, experiment: str, run_seed: int, directory: str,
+                     limit: int, use_gpu: bool) -> dict[str, Any]:
+    """(c) of the module docstring for the outliers a generation run drew: the first `limit`
+    samples of its shards (in shard order) read by the run's reference classifier."""
+    from oodscale.devices import worker_device
+
+    storage = open_storage(storage_root)
+    layout = RunLayout(storage, experiment)
+    reference = reference_classifier(storage, layout, run_seed, worker_device(use_gpu))
+    images, a, b = [], [], []
+    for path in shard_paths(storage, directory, read_manifest(storage, directory)):
+        for sample in iter_raw_samples(storage, path):
+            meta = json.loads(sample["json"])
+            images.append(sample_image(sample).transpose(2, 0, 1))
+            a.append(int(meta["a"]))
+            b.append(int(meta["b"]))
+            if len(images) >= limit:
+                break
+        if len(images) >= limit:
+            break
+    probs, _ = predict(reference, np.stack(images))
+    return {**mixup_betweenness(probs, np.array(a), np.array(b)), "mix_samples": len(images),
+            "reference": REFERENCE_DESCRIPTION}

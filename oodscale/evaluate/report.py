@@ -397,6 +397,23 @@ def quality_table(quality: dict[str, Any]) -> Table:
                  "as low (a), high (b); between-class outliers as (c) mass split over a and b.")
 
 
+DRAWN_LABELS = {"mix_samples": "outliers read", "mix_pair_mass": "mass on a or b",
+                "mix_weaker_share": "weaker share", "mix_entropy": "entropy (nats)"}
+
+
+def drawn_table(drawn: dict[str, dict[str, Any]]) -> Table:
+    """Per set of outliers the grid trains on, how between its two classes the reference
+    finds it (`generate.quality_samples`, recorded in the shards' manifest)."""
+    rows = [{"outliers": name, **{label: f"{figures[key]:.3g}" for key, label in
+                                  DRAWN_LABELS.items() if key in figures}}
+            for name, figures in drawn.items()]
+    return Table("Drawn outliers, read by the reference classifier", pd.DataFrame(rows), None,
+                 "Measured on the shards the classifiers train on (`generate.quality_samples` "
+                 "of each): a label-mixup outlier between its classes a and b puts its mass "
+                 "on a or b, split evenly (weaker share 0.5) and with high entropy; a clean "
+                 "class-a sample has weaker share 0.")
+
+
 def _set_table(scores: pd.DataFrame, results: pd.DataFrame,
                set_sources: dict[str, str] | None) -> Table:
     """Each test set's size, group and number of distinct source images."""
@@ -518,8 +535,10 @@ def build_report(
                             "Computed from the paired intervals above (`claims.parquet`): "
                             "holds where every loss's interval excludes zero on the claimed "
                             "side, fails where one excludes it on the other, else undecided."))
-    if quality:
+    if quality and set(quality) - {"drawn"}:
         tables.append(quality_table(quality))
+    if quality and quality.get("drawn"):
+        tables.append(drawn_table(quality["drawn"]))
     tables += [
         _set_table(scores, results, set_sources),
         Table("Every score (mean over the OOD sets of each group)", summary_table(results)),

@@ -31,7 +31,7 @@ from oodscale.evaluate.detectors import ScoreSet, TrainFit, fit_train
 from oodscale.evaluate.report import aggregate, write_report
 from oodscale.evaluate.report_html import provenance
 from oodscale.evaluate.score_table import POOD_PREFIX, needs_fit, pood_spec
-from oodscale.outlier_sources import synthetic_dirname
+from oodscale.outlier_sources import generator_sources, synthetic_dirname
 from oodscale.progress import track
 from oodscale.runtime import RunLayout, StorageRoot, open_storage, require_gpus, resolve_use_gpu
 
@@ -261,12 +261,21 @@ def set_sources(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
     return out
 
 
-def generator_quality(layout: RunLayout) -> dict[str, Any] | None:
-    """The sample quality the generator's card records, if it was measured."""
+def generator_quality(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any] | None:
+    """The sample quality the generator's card records, and under `drawn` that of each set of
+    outliers the grid trains on (their manifests), where they were measured."""
+    storage = layout.storage
     card = f"{layout.diffusion_dir}/{MODEL_CARD}"
-    if not layout.storage.exists(card):
-        return None
-    return json.loads(layout.storage.read_bytes(card)).get("quality")
+    quality = dict(json.loads(storage.read_bytes(card)).get("quality") or {}) \
+        if storage.exists(card) else {}
+    drawn = {}
+    for source in generator_sources(cfg.train.outlier_sources, cfg.generate.guidance):
+        manifest = try_read_manifest(storage, layout.synthetic_variant(source.dirname))
+        if manifest is not None and "quality" in manifest.extra:
+            drawn[source.dirname] = manifest.extra["quality"]
+    if drawn:
+        quality["drawn"] = drawn
+    return quality or None
 
 
 def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFrame,
@@ -291,7 +300,8 @@ def render_report(cfg: ExperimentConfig, layout: RunLayout, results: pd.DataFram
         summary = write_report(results, scores, str(out), title=f"oodscale — {cfg.name}",
                                extra_images=extra, provenance=prov, selection=selection,
                                set_sources=set_sources(cfg, layout),
-                               n_boot=cfg.evaluate.bootstrap, quality=generator_quality(layout))
+                               n_boot=cfg.evaluate.bootstrap,
+                               quality=generator_quality(cfg, layout))
         for path in sorted(out.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(out).as_posix()

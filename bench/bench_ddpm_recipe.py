@@ -1,0 +1,96 @@
+"""The DDPM recipe at equal compute: sample quality of the old recipe (constant lr, no warm-up,
+no EMA) against the EMA recipe at two peak learning rates, on one config.
+
+    .venv/bin/python bench/bench_ddpm_recipe.py [--config configs/fashion.yaml] [--arm old ...]
+
+Each arm trains the config's DDPM (same UNet, epochs, batch size, data: equal optimiser steps)
+in its own experiment `<root>/<config>-recipe-<arm>` and measures it as every run does
+(`diffusion.quality_per_class`, diffusion/quality.py: the reference classifier's accuracy on
+class-conditional samples, the Fréchet distance in its embedding, how "between" label-mixup
+samples are). One record under bench/results/ holds the arms side by side. The reference
+classifier and the sampling settings are the same for every arm (same seeds), so the arms
+differ by the recipe alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import write_record  # noqa: E402
+
+ARMS: dict[str, list[str]] = {
+    "old": ["diffusion.lr=2e-3", "diffusion.lr_schedule=constant",
+            "diffusion.lr_warmup_steps=0", "diffusion.ema_decay=0"],
+    "ema-2e-4": ["diffusion.lr=2e-4"],
+    "ema-1e-3": ["diffusion.lr=1e-3"],
+}
+FIGURES = [("conditional_accuracy", "cond. acc. (%)", ".1f"),
+           ("reference_test_accuracy", "ref. on ID test (%)", ".1f"),
+           ("frechet_distance", "Fréchet", ".2f"),
+           ("mix_pair_mass", "mixup mass a+b", ".2f"),
+           ("mix_weaker_share", "weaker share", ".2f"),
+           ("mix_entropy_ratio", "entropy / log K", ".2f")]
+
+
+def run_arm(config: str, arm: str, root: str, per_class: int) -> dict:
+    """Prepare and train one arm's DDPM (a finished arm is read back); its card and time."""
+    name = f"{Path(config).stem}-recipe-{arm}"
+    common = [f"name={name}", f"storage.root={root}",
+              f"diffusion.quality_per_class={per_class}", *ARMS[arm]]
+    oodscale = [str(Path(sys.executable).parent / "oodscale")]
+    started = time.time()
+    for stage in ("prepare", "train-diffusion"):
+        subprocess.run([*oodscale, stage, config, *common], check=True)
+    card = json.loads((Path(root) / name / "diffusion" / "model.json").read_text())
+    return {"card": card, "seconds": time.time() - started}
+
+
+def table(results: dict[str, dict]) -> str:
+    head = ["arm", "overrides", "steps", "final loss"] + [label for _, label, _ in FIGURES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, res in results.items():
+        card, quality = res["card"], res["card"].get("quality", {})
+        cells = [arm, " ".join(ARMS[arm]) or "(config)", f"{card['steps']:,}",
+                 f"{card['final_loss']:.4f}"]
+        cells += [format(quality[key], fmt) if key in quality else "-"
+                  for key, _, fmt in FIGURES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/fashion.yaml")
+    parser.add_argument("--arm", action="append", choices=list(ARMS),
+                        help="arms to run (default: all)")
+    parser.add_argument("--root", default="runs", help="storage root of the arms' experiments")
+    parser.add_argument("--per-class", type=int, default=64,
+                        help="quality samples per class (and as many label-mixup ones)")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no record")
+    args = parser.parse_args()
+    results = {arm: run_arm(args.config, arm, args.root, args.per_class)
+               for arm in args.arm or list(ARMS)}
+    some = next(iter(results.values()))["card"]
+    quality = some.get("quality", {})
+    body = (f"DDPM of `{args.config}` per arm, trained in `{args.root}/<config>-recipe-<arm>`; "
+            f"{some['epochs']} epochs, {some['steps']:,} optimiser steps each. Quality: "
+            f"{quality.get('class_samples', '?')} class-conditional and "
+            f"{quality.get('mix_samples', '?')} label-mixup samples ({quality.get('sampling')}), "
+            f"read by {quality.get('reference', 'the reference classifier')} against "
+            f"{quality.get('test_images', '?')} ID test images.\n\n{table(results)}\n\n"
+            "Wall time per arm (prepare + train + quality, s): "
+            + ", ".join(f"{arm} {res['seconds']:.0f}" for arm, res in results.items()) + "\n")
+    print(body)
+    if not args.no_write:
+        command = "bench/bench_ddpm_recipe.py " + " ".join(sys.argv[1:])
+        print(f"record: {write_record('bench_ddpm_recipe', command, body)}")
+
+
+if __name__ == "__main__":
+    main()
