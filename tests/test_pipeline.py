@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,9 +13,9 @@ from oodscale.cli import main
 from oodscale.data.shards import load_arrays, read_manifest
 from oodscale.data.streams import CachedShards, training_set
 from oodscale.runtime import open_storage
+from tests.support import CONFIG
 
 pytestmark = pytest.mark.integration
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 
 TINY = [
     "data.ood_sets=[openset,textures,gaussian]", "data.ood_samples=40", "data.shard_size=200",
