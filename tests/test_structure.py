@@ -32,6 +32,12 @@ def test_config_and_help_import_nothing_heavy():
                         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass") == []
 
 
+def test_config_docs_import_nothing_heavy():
+    """`make docs` renders the defaults table from the config alone."""
+    assert _heavy_after("from oodscale.config_docs import render_table\n"
+                        "render_table('configs/digits.yaml')") == []
+
+
 def test_status_imports_nothing_heavy(tmp_path):
     """`oodscale status` reads manifests and cards only, here of an empty root."""
     assert _heavy_after("from oodscale.cli import main\n"
