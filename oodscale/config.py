@@ -127,11 +127,13 @@ class StorageConfig(_Section):
 
 class RayConfig(_Section):
     address: Annotated[str | None, AfterValidator(_no_credentials_in_address)] = Field(
-        None, description="Cluster address; None = RAY_ADDRESS or local.")
+        None, description="Cluster address; null = RAY_ADDRESS or local.")
     num_cpus: int | None = Field(
         None, ge=1, le=MAX_WORKERS * 16,
         description="Logical CPUs of a local Ray (default: max(4, 2 x cores)).")
-    object_store_mb: int = Field(512, ge=64, le=4 << 20)
+    object_store_mb: int = Field(
+        512, ge=64, le=4 << 20,
+        description="Object store of a local Ray, in MB; a joined cluster keeps its own.")
     host: str = Field("127.0.0.1", min_length=1, description=(
         "The address a local Ray listens on: loopback (default), or this machine's address "
         "so that other machines can join it (refused while RAY_AUTH_MODE=disabled)."))
@@ -140,33 +142,47 @@ class RayConfig(_Section):
 class OODSetSource(_Section):
     """A bring-your-own OOD test set: an ImageFolder tree or WebDataset shards."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    path: Location
-    format: Literal["imagefolder", "webdataset"] = "imagefolder"
-    group: Literal["near", "far"] = "far"
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$",
+                      description="The set's name in data/ood/<name> and in the results.")
+    path: Location = Field(description="Its directory: local path or URI.")
+    format: Literal["imagefolder", "webdataset"] = Field(
+        "imagefolder", description="imagefolder: image files at any depth; webdataset: "
+                                   "<prefix>-*.tar shards.")
+    group: Literal["near", "far"] = Field(
+        "far", description="The report's near/far group; far unless said, as for most sets.")
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "fashion_mnist", "imagefolder", "cifar10"] = "digits"
+    source: Literal["digits", "fashion_mnist", "imagefolder", "cifar10"] = Field(
+        "digits", description="The ID data set: digits, embedded (no download), by default; the "
+                              "others are read from data.path.")
     path: Location | None = Field(
         None, description="Dataset root for imagefolder / cifar10 / fashion_mnist (default for "
                           "fashion_mnist: Debian's /usr/share/datasets/fashion-mnist).")
-    image_size: int = Field(16, ge=8, le=512)
-    channels: Literal[1, 3] = 1
+    image_size: int = Field(16, ge=8, le=512,
+                            description="Side in pixels every ID and OOD image is resized to "
+                                        "(square); the digits' own are 8x8.")
+    channels: Literal[1, 3] = Field(1, description="1 = gray, 3 = RGB; images of other modes "
+                                                   "are converted.")
     id_classes: list[ClassIndex] | None = Field(
-        None, description="Keep only these classes as ID (open-set split); None = all.")
-    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+        None, description="Keep only these classes as ID (open-set split); null = all.")
+    test_fraction: float = Field(
+        0.3, gt=0.0, lt=1.0,
+        description="Share of the digits held out as the ID test split (stratified, drawn from "
+                    "seed); the other sources have a test split of their own.")
     max_train_per_class: int | None = Field(
         None, ge=2, le=MAX_SAMPLES,
         description="Keep at most this many training images of each ID class "
-                                "(fixed draw), to fit a benchmark to a machine; None = all.")
+                                "(fixed draw), to fit a benchmark to a machine; null = all.")
     max_test_per_class: int | None = Field(
-        None, ge=1, le=MAX_SAMPLES, description="The same cap on the ID test images; None = all.")
+        None, ge=1, le=MAX_SAMPLES, description="The same cap on the ID test images; null = all.")
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0,
         description="Share of the training images held out as the ID validation split "
                     "(data/id/val; stratified, never trained on); 0 = none.")
-    shard_size: int = Field(512, ge=1, le=1_000_000)
+    shard_size: int = Field(512, ge=1, le=1_000_000,
+                            description="Images per WebDataset shard that prepare writes (ID "
+                                        "and OOD sets).")
     max_image_mb: float = Field(
         64.0, gt=0.0, le=4096.0,
         description="A user's image file larger than this is refused before it is read "
@@ -177,10 +193,12 @@ class DataConfig(_Section):
                     "decoded; 89 is Pillow's own decompression-bomb limit.")
     ood_sets: list[BuiltinOOD] = Field(
         default_factory=lambda: ["textures", "photos", "gaussian", "uniform", "rademacher",
-                                 "blobs"])
+                                 "blobs"],
+        description="Built-in OOD test sets: what any source has without a download (openset "
+                    "needs data.id_classes; digits is for sources other than digits).")
     ood_samples: int | None = Field(
         None, ge=8, le=10_000_000,
-        description="A cap on the images of every built-in OOD test set; None = "
+        description="A cap on the images of every built-in OOD test set; null = "
                     "every held-out image the data has (openset, digits) and "
                     "data.generated_ood_samples for the sets made here.")
     generated_ood_samples: int = Field(
@@ -191,11 +209,16 @@ class DataConfig(_Section):
         300, ge=8, le=10_000_000,
         description="Images of each OOD validation set (at most ood_samples, and at "
                     "most what its pool holds).")
-    extra_ood: list[OODSetSource] = Field(default_factory=list)
-    near_ood: list[str] = Field(default_factory=lambda: ["openset"])
+    extra_ood: list[OODSetSource] = Field(
+        default_factory=list, description="Bring-your-own OOD test sets (also --ood "
+                                          "NAME=PATH[,webdataset][,near]).")
+    near_ood: list[str] = Field(
+        default_factory=lambda: ["openset"],
+        description="Built-in sets reported as near-OOD, the rest far: openset by default, "
+                    "held-out classes of the ID data itself.")
     val_ood_sets: list[ValidationOOD] | None = Field(
         None, description="OOD validation sets (data/ood-val/<name>) that choose each loss's "
-                          "primary score; None = those of data.ood_sets that have one.")
+                          "primary score; null = those of data.ood_sets that have one.")
 
     @property
     def val_set_size(self) -> int:
@@ -241,13 +264,18 @@ class DataConfig(_Section):
 class WorkerConfig(_Section):
     """How a Ray Train stage is spread: fractional CPUs keep 2-core machines from starving."""
 
-    num_workers: int = Field(2, ge=1, le=MAX_WORKERS)
-    cpus_per_worker: float = Field(0.5, gt=0.0, le=MAX_CPUS)
-    use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
-    mixed_precision: MixedPrecision = "no"
+    num_workers: int = Field(2, ge=1, le=MAX_WORKERS,
+                             description="Ray Train workers (DDP ranks), one GPU each on GPU.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0.0, le=MAX_CPUS,
+        description="Logical CPUs each worker reserves; below 1 so that 2 cores are not "
+                    "starved (DESIGN.md).")
+    use_gpu: bool | None = Field(None, description="null = use GPUs when the cluster has them.")
+    mixed_precision: MixedPrecision = Field(
+        "no", description="Accelerate's mixed_precision: no (fp32), bf16 or fp16.")
     torch_threads: int | None = Field(
         None, ge=1, le=1_024,
-        description="Torch CPU threads per worker; None = Ray's default (the worker's CPUs, at "
+        description="Torch CPU threads per worker; null = Ray's default (the worker's CPUs, at "
                     "least 1). On a small CPU-only machine a lone worker trains faster with all "
                     "cores.")
     cache_mb: float = Field(
@@ -257,22 +285,32 @@ class WorkerConfig(_Section):
 
 
 class DiffusionConfig(WorkerConfig):
-    num_workers: int = Field(1, ge=1, le=MAX_WORKERS)
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 32])
-    layers_per_block: int = Field(1, ge=1, le=16)
+    num_workers: int = Field(1, ge=1, le=MAX_WORKERS,
+                             description="Ray Train workers (DDP ranks), one GPU each on GPU.")
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [32, 32],
+        description="UNet channels per resolution level (multiples of 8): two levels, 16x16 "
+                    "and 8x8 for the digits; the time embedding is 4x the first.")
+    layers_per_block: int = Field(1, ge=1, le=16, description="ResNet layers per UNet block.")
     attention: bool = Field(False, description="Self-attention at the lowest resolution.")
-    timesteps: int = Field(1000, ge=10, le=100_000)
-    p_uncond: float = Field(0.1, ge=0.0, lt=1.0)
-    epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    timesteps: int = Field(1000, ge=10, le=100_000,
+                           description="Diffusion steps T of the cosine noise schedule (the "
+                                       "DDPM paper's 1000).")
+    p_uncond: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Probability a training label is replaced by the zero vector, which trains "
+                    "the unconditional score classifier-free guidance needs.")
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS,
+                        description="Passes over the ID training split.")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="Images per worker per step.")
     lr: float = Field(2e-4, gt=0.0, le=10.0,
                       description="Peak AdamW learning rate (after the warm-up).")
     lr_schedule: LRSchedule = Field(
         "cosine", description="diffusers' get_scheduler name: the lr over the run's steps.")
     lr_warmup_steps: int = Field(
         100, ge=0, le=100_000_000,
-        description="Optimiser steps of linear lr warm-up from 0 (the schedules named "
-                    "*warmup*, cosine and linear use it).")
+        description="Optimiser steps of linear lr warm-up from 0 (every schedule but "
+                    "constant uses it).")
     ema_decay: float = Field(
         0.999, ge=0.0, lt=1.0,
         description="Largest decay of the EMA of the weights (diffusers' EMAModel) that samples "
@@ -282,7 +320,7 @@ class DiffusionConfig(WorkerConfig):
         0.75, gt=0.0, le=10.0,
         description="EMA warm-up: the decay at step n is min(ema_decay, 1 - (1 + n)^-power) "
                     "(EMAModel's use_ema_warmup with inv_gamma 1), so early steps average "
-                    "over few weights; None = EMAModel's (1 + n)/(10 + n) ramp.")
+                    "over few weights; null = EMAModel's (1 + n)/(10 + n) ramp.")
     quality_per_class: int = Field(
         32, ge=0, le=100_000,
         description="Sample quality in the card (model.json, diffusion/quality.py): this many "
@@ -303,11 +341,15 @@ class DiffusionConfig(WorkerConfig):
 class LambdaConfig(_Section):
     """Distribution of the label-mixup weight lambda."""
 
-    kind: Literal["fixed", "uniform", "beta"] = "fixed"
-    value: float = Field(0.5, ge=0.0, le=1.0)
-    low: float = Field(0.3, ge=0.0, le=1.0)
-    high: float = Field(0.7, ge=0.0, le=1.0)
-    alpha: float = Field(2.0, gt=0.0, le=1000.0)
+    kind: Literal["fixed", "uniform", "beta"] = Field(
+        "fixed", description="fixed (lam.value), uniform on [lam.low, lam.high], or "
+                             "Beta(lam.alpha, lam.alpha).")
+    value: float = Field(0.5, ge=0.0, le=1.0,
+                         description="lambda of kind fixed: 0.5 is midway between the classes.")
+    low: float = Field(0.3, ge=0.0, le=1.0, description="Lower end of kind uniform.")
+    high: float = Field(0.7, ge=0.0, le=1.0, description="Upper end of kind uniform.")
+    alpha: float = Field(2.0, gt=0.0, le=1000.0,
+                         description="Both shapes of kind beta (symmetric about 0.5).")
 
     @model_validator(mode="after")
     def _interval(self) -> LambdaConfig:
@@ -326,28 +368,46 @@ class GenerateConfig(_Section):
     class_list: str | None = Field(
         None, description="File of the generator's class names in index order, one per line "
                           "(first word; ImageNet: LOC_synset_mapping.txt gives the wnids); "
-                          "None = the pipeline's id2label. ID classes map to these by name.")
-    image_format: Literal["png", "jpg"] = "png"
-    jpeg_quality: int = Field(90, ge=1, le=100)
-    num_shards: int = Field(4, ge=1, le=1_000_000)
-    samples_per_shard: int = Field(256, ge=1, le=1_000_000)
-    lam: LambdaConfig = Field(default_factory=LambdaConfig)
+                          "null = the pipeline's id2label. ID classes map to these by name.")
+    image_format: Literal["png", "jpg"] = Field(
+        "png", description="How synthetic images are stored: png (lossless) or jpg (about 10x "
+                           "smaller for 224x224 photos).")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of image_format=jpg.")
+    num_shards: int = Field(4, ge=1, le=1_000_000,
+                            description="Shards of one generation run (the rows the sampling "
+                                        "actors share out).")
+    samples_per_shard: int = Field(256, ge=1, le=1_000_000,
+                                   description="Outliers per shard (4 x 256 = 1,024 in all by "
+                                               "default).")
+    lam: LambdaConfig = Field(default_factory=LambdaConfig,
+                              description="Distribution of the label-mixup weight lambda.")
     mode: Literal["mix", "sum", "composed"] = Field(
         "mix", description="Label-mixup condition: mix (y = λ·e_a + (1−λ)·e_b), sum "
                            "(y = e_a + e_b), composed (Composable Diffusion: the guidance of "
                            "e_a and e_b weighted λ and 1−λ; one more denoiser batch per step).")
-    guidance: float = Field(3.0, ge=0.0, le=100.0)
+    guidance: float = Field(
+        3.0, ge=0.0, le=100.0,
+        description="Classifier-free guidance scale w (1 = plain conditional); in a digits "
+                    "test 3 turned the OE term from harmful at 1 to helpful (DESIGN.md).")
     sampler: str = Field("ddim", description="ddim, ddpm or dpmsolver (DPM-Solver++, 15-25 "
                                              "steps); see oodscale/diffusion/samplers.py")
-    steps: int = Field(50, ge=1, le=100_000)
+    steps: int = Field(50, ge=1, le=100_000, description="Sampler steps (capped at "
+                                                         "diffusion.timesteps).")
     mixed_precision: SamplingPrecision = Field(
         "auto", description="Sampling precision: auto = bf16 where the device computes it "
                             "natively (GPUs, CPUs with AVX-512 BF16 or AMX), fp32 elsewhere.")
-    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
-    concurrency: int = Field(2, ge=1, le=MAX_WORKERS)
-    cpus_per_actor: float = Field(0.5, gt=0.0, le=MAX_CPUS)
-    use_gpu: bool | None = None
-    grid_per_class: int = Field(6, ge=1, le=1_000)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH,
+                            description="Images each sampling actor denoises at once.")
+    concurrency: int = Field(2, ge=1, le=MAX_WORKERS,
+                             description="Sampling actors (Ray Data), one GPU each on GPU.")
+    cpus_per_actor: float = Field(
+        0.5, gt=0.0, le=MAX_CPUS,
+        description="Logical CPUs each actor reserves; below 1 so that 2 cores are not starved.")
+    use_gpu: bool | None = Field(None, description="null = use GPUs when the cluster has them.")
+    grid_per_class: int = Field(
+        6, ge=1, le=1_000,
+        description="Samples per class (at most 10 classes) in the preview grid, beside as many "
+                    "label-mixup ones.")
     quality_samples: int = Field(
         1000, ge=0, le=1_000_000,
         description="How between their two classes the drawn outliers are (mass on a and b, "
@@ -355,7 +415,8 @@ class GenerateConfig(_Section):
                     "and recorded in the shards' manifest and the report; 0 = not measured.")
     filter_tau: float = Field(
         0.9, gt=0.0, le=1.0,
-        description="-filtered variants drop samples a plain ID classifier gives MSP > tau.")
+        description="The ambiguity filter of the -filtered outlier sources: a sample a plain "
+                    "ID classifier gives MSP > tau is dropped.")
 
     @field_validator("sampler", "generator")
     @classmethod
@@ -398,33 +459,45 @@ class AugmentConfig(_Section):
 class CellGroup(_Section):
     """More grid cells beside the main product, e.g. an outlier-source ablation for two losses."""
 
-    losses: list[LossName] = Field(min_length=1)
-    outliers: list[OutlierName] = Field(min_length=1)
+    losses: list[LossName] = Field(min_length=1, description="Loss heads of this group.")
+    outliers: list[OutlierName] = Field(min_length=1,
+                                        description="Outlier sources of this group.")
 
 class TrainConfig(WorkerConfig):
-    losses: list[LossName] = Field(default_factory=lambda: ["softmax", "arcface"])
+    losses: list[LossName] = Field(
+        default_factory=lambda: ["softmax", "arcface"],
+        description="Loss heads, names of classify/loss_table.py: softmax (the baseline) and "
+                    "arcface (the paper's metric head) by default.")
     outliers: list[OutlierName] = Field(
         default_factory=lambda: ["none", "labelmix"],
         description="none, noise, pixelmix, labelmix, labelmix-w<g>, each labelmix -filtered "
                     "and +noise / +pixelmix (half each).")
-    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], max_length=1_000)
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [0, 1, 2], max_length=1_000,
+        description="Seeds of every cell (initial weights, batch order); three give the "
+                    "intervals over seeds.")
     extra_cells: list[CellGroup] = Field(
         default_factory=list, description="Cells beyond losses x outliers, each group its own "
                                           "losses x outliers, all at train.seeds.")
-    backbone: BackboneName = "smallcnn"
-    embedding_dim: int = Field(64, ge=2, le=65_536)
+    backbone: BackboneName = Field(
+        "smallcnn", description="A name of classify/backbone_table.py; smallcnn is sized for "
+                                "small images such as the digits.")
+    embedding_dim: int = Field(64, ge=2, le=65_536,
+                               description="Width D of the embedding the head reads.")
     head_options: dict[str, dict[str, float]] = Field(
         default_factory=lambda: {"arcface": {"margin": 28.6, "scale": 16.0},
                                  "cosface": {"margin": 0.2, "scale": 16.0},
                                  "sphereface": {"margin": 2.0, "scale": 1.0}},
-        description="Per-loss constructor options (pytorch-metric-learning units).")
-    epochs: int = Field(15, ge=1, le=MAX_EPOCHS)
+        description="Per-loss constructor options in pytorch-metric-learning's units (arcface's "
+                    "margin in degrees); scale 16, not pml's 64, keeps MSP from saturating.")
+    epochs: int = Field(15, ge=1, le=MAX_EPOCHS, description="Epochs of every cell.")
     steps_per_epoch: int | None = Field(None, ge=1, le=100_000_000,
-                                        description="None = one pass over ID data.")
+                                        description="null = one pass over ID data.")
     batch_size: int = Field(64, ge=2, le=MAX_BATCH, description="ID images per worker per step.")
     outlier_batch_size: int = Field(64, ge=1, le=MAX_BATCH,
                                     description="Outliers per worker per step.")
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    lr: float = Field(1e-3, gt=0.0, le=10.0,
+                      description="Peak AdamW learning rate of the one-cycle schedule.")
     finetune_epochs: int = Field(
         5, ge=1, le=MAX_EPOCHS,
         description="Epochs of a -ft cell (e.g. labelmix-ft): OE fine-tuning of the finished "
@@ -432,11 +505,15 @@ class TrainConfig(WorkerConfig):
                     "training from scratch.")
     finetune_lr: float | None = Field(
         None, gt=0.0, le=10.0,
-        description="Peak lr of a -ft cell's fine-tuning (one-cycle, as training); None = "
+        description="Peak lr of a -ft cell's fine-tuning (one-cycle, as training); null = "
                     "train.lr / 10.")
-    weight_decay: float = Field(5e-4, ge=0.0, le=10.0)
-    lambda_oe: float = Field(0.5, ge=0.0, le=1000.0)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    weight_decay: float = Field(5e-4, ge=0.0, le=10.0, description="AdamW weight decay.")
+    lambda_oe: float = Field(
+        0.5, ge=0.0, le=1000.0,
+        description="Weight of the OE term KL(U || p(.|x_out)) beside the ID loss; 0.5 as in "
+                    "Hendrycks et al.'s OE.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig,
+                                   description="Augmentation of ID images and outliers.")
     init_checkpoint: str | None = Field(
         None, description="A local torchvision ResNet checkpoint (safetensors, or a weights-only "
                           "torch file) to fine-tune from; resnet18/resnet50 above 64x64 only.")
@@ -496,11 +573,16 @@ class TrainConfig(WorkerConfig):
 
 class EvaluateConfig(_Section):
     scores: list[ScoreName] = Field(
-        default_factory=lambda: ["msp", "maxlogit", "energy", "maxcos"])
-    batch_size: int = Field(512, ge=1, le=MAX_BATCH)
-    concurrency: int = Field(1, ge=1, le=MAX_WORKERS)
-    cpus_per_actor: float = Field(0.5, gt=0.0, le=MAX_CPUS)
-    use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
+        default_factory=lambda: ["msp", "maxlogit", "energy", "maxcos"],
+        description="Scores to report, names of evaluate/score_table.py or pood:<Name>; the "
+                    "default four read the head's output and fit nothing on training features.")
+    batch_size: int = Field(512, ge=1, le=MAX_BATCH, description="Images per scoring batch.")
+    concurrency: int = Field(1, ge=1, le=MAX_WORKERS,
+                             description="Scoring actors (Ray Data), one GPU each on GPU.")
+    cpus_per_actor: float = Field(
+        0.5, gt=0.0, le=MAX_CPUS,
+        description="Logical CPUs each actor reserves; below 1 so that 2 cores are not starved.")
+    use_gpu: bool | None = Field(None, description="null = use GPUs when the cluster has them.")
     bootstrap: int = Field(
         1000, ge=100, le=100_000,
         description="Bootstrap draws (over seeds and test images) behind every paired 95 % "
@@ -511,8 +593,12 @@ class DetectorConfig(_Section):
     """The yes/no detector (`oodscale predict`, `oodscale.Detector`): its default score and the
     share of ID validation images its threshold accepts (`oodscale calibrate` sets it)."""
 
-    score: ScoreName = "energy"
-    tpr: float = Field(0.95, gt=0.0, lt=1.0)
+    score: ScoreName = Field(
+        "energy", description="The score predict and Detector use unless told: energy reads "
+                              "softmax and metric heads alike.")
+    tpr: float = Field(0.95, gt=0.0, lt=1.0,
+                       description="Share of ID validation images the threshold accepts (the "
+                                   "TPR of FPR@95TPR).")
 
 
 class TrackingConfig(_Section):
@@ -520,22 +606,32 @@ class TrackingConfig(_Section):
 
     mlflow_uri: Location | None = Field(
         None, description="MLflow tracking URI (file:/path works offline, or http://host:5000); "
-                          "None = no tracking.")
-    experiment: str | None = Field(None, description="MLflow experiment; None = config name.")
+                          "null = no tracking.")
+    experiment: str | None = Field(None, description="MLflow experiment; null = the config name.")
 
 
 class ExperimentConfig(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    seed: Seed = 0
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    detector: DetectorConfig = Field(default_factory=DetectorConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$",
+                      description="The experiment: its directory under storage.root; a YAML "
+                                  "file's stem unless set.")
+    seed: Seed = Field(0, description="Run seed: data splits, shard seeds, sample grids.")
+    storage: StorageConfig = Field(default_factory=StorageConfig,
+                                   description="Where every stage reads and writes.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="The Ray a stage runs on.")
+    data: DataConfig = Field(default_factory=DataConfig,
+                             description="ID data and OOD test and validation sets (prepare).")
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig,
+                                       description="The soft-label DDPM (train-diffusion).")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig,
+                                     description="Label-mixup outliers (generate).")
+    train: TrainConfig = Field(default_factory=TrainConfig,
+                               description="The classifier grid (train).")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig,
+                                     description="Scoring and the report (evaluate).")
+    detector: DetectorConfig = Field(default_factory=DetectorConfig,
+                                     description="The yes/no detector (calibrate, predict).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig,
+                                     description="Optional MLflow tracking.")
 
     @model_validator(mode="after")
     def _flips_valid(self) -> ExperimentConfig:

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 from oodscale.cli import main
+from tests.support import CONFIG
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 NUM_SHARDS = 6
 TINY = [
     "data.ood_sets=[gaussian]", "data.ood_samples=20",

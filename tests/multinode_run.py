@@ -21,7 +21,8 @@ from pathlib import Path
 
 import psutil
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+from tests.support import CONFIG
+
 ROLE = {"generate": "ShardSampler", "train": "RayTrainWorker"}
 
 

@@ -3,15 +3,12 @@ the batch's device, from a seed alone; refused where invalid (no flips for digit
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from oodscale.classify.augment import Augment
 from oodscale.config import AugmentConfig, ConfigError, load_config
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from tests.support import DIGITS, FASHION
 
 
 def _images(n: int = 6, channels: int = 1, size: int = 8) -> torch.Tensor:
@@ -65,12 +62,12 @@ def test_crop_shifts_each_image_by_at_most_the_padding():
 
 
 def test_flips_are_refused_for_digits_and_allowed_where_mirrors_keep_the_class():
-    digits = CONFIGS / "digits.yaml"
+    digits = DIGITS
     assert not load_config(digits).train.augment.flip  # the demo: off
     assert load_config(digits, ["train.augment.crop_padding=2"]).train.augment.crop_padding == 2
     with pytest.raises(ConfigError, match="flip"):
         load_config(digits, ["train.augment.flip=true"])
-    fashion = load_config(CONFIGS / "fashion.yaml", ["train.augment.flip=true"])
+    fashion = load_config(FASHION, ["train.augment.flip=true"])
     assert fashion.train.augment.flip
 
 

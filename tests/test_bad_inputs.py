@@ -22,9 +22,7 @@ from oodscale.data.shards import load_arrays, read_manifest, write_split
 from oodscale.diffusion.model import LabelConditionedUNet, load_unet
 from oodscale.runtime import open_storage
 from tests.experiment import hand_calibrated
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import CONFIG, ONE_CELL, REPO, SMALL_OOD, imagefolder
 
 
 def _folder(root: Path, classes: list[str], per_class: int, modes: tuple[str, ...] = ("RGB",)):
@@ -37,9 +35,8 @@ def _folder(root: Path, classes: list[str], per_class: int, modes: tuple[str, ..
 
 
 def _imagefolder_args(tmp_path: Path, data: Path) -> list[str]:
-    return [f"storage.root={tmp_path / 'runs'}", "data.source=imagefolder", f"data.path={data}",
-            "data.id_classes=null", "data.channels=3", "data.image_size=12",
-            "data.shard_size=8", "data.ood_sets=[gaussian]", "data.ood_samples=8"]
+    return [f"storage.root={tmp_path / 'runs'}", *imagefolder(data, 12), "data.shard_size=8",
+            *SMALL_OOD]
 
 
 @pytest.mark.integration
@@ -78,7 +75,7 @@ def test_imagefolder_with_one_class_is_refused(tmp_path, capsys):
 def test_empty_ood_set_is_named(tmp_path, ray_cluster, capsys):
     empty = tmp_path / "my_ood"
     (empty / "nothing_here").mkdir(parents=True)
-    args = [f"storage.root={tmp_path}", "data.ood_sets=[gaussian]", "data.ood_samples=8"]
+    args = [f"storage.root={tmp_path}", *SMALL_OOD]
     assert main(["prepare", CONFIG, "--ood", f"mine={empty}", *args]) == 1
     assert "OOD set mine: no images under" in capsys.readouterr().err
     assert (tmp_path / "digits" / "data" / "ood" / "gaussian" / "manifest.json").is_file()
@@ -88,7 +85,7 @@ def test_empty_ood_set_is_named(tmp_path, ray_cluster, capsys):
 def prepared(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("bad_inputs")
     args = [f"storage.root={root}", "data.ood_sets=[gaussian]", "data.ood_samples=16",
-            "train.losses=[softmax]", "train.outliers=[none]", "train.seeds=[0]"]
+            *ONE_CELL]
     assert main(["prepare", CONFIG, *args]) == 0
     return root, args
 
@@ -150,7 +147,7 @@ def test_ray_address_that_does_not_answer_fails_fast(tmp_path):
     done = subprocess.run(
         [str(Path(sys.executable).parent / "oodscale"), "prepare", CONFIG, "--address",
          f"127.0.0.1:{port}", f"storage.root={tmp_path}"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
+        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 1, done.stderr[-2000:]
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in done.stderr
     assert "RAY_ADDRESS" in done.stderr
@@ -542,7 +539,7 @@ def test_every_numeric_config_key_has_an_upper_bound():
 
     walk(ExperimentConfig, "")
     assert unbounded == []
-    for config in sorted((ROOT / "configs").glob("*.yaml")):  # bounds fit every shipped config
+    for config in sorted((REPO / "configs").glob("*.yaml")):  # bounds fit every shipped config
         load_config(config)
 
 

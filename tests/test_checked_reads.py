@@ -19,8 +19,7 @@ from oodscale.data.shards import (
     write_split,
 )
 from oodscale.runtime import open_storage
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+from tests.support import CONFIG
 
 
 def _split(tmp_path: Path, n: int = 12) -> tuple:

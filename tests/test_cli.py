@@ -1,8 +1,5 @@
-from pathlib import Path
-
 from oodscale.cli import main
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+from tests.support import CONFIG
 
 
 def test_bad_override_exits_2_naming_the_key(capsys):

@@ -13,7 +13,7 @@ from oodscale.config import GenerateConfig
 from oodscale.diffusion.mixup import mixup_conditions, one_hot
 from oodscale.diffusion.model import LabelConditionedUNet, UNetGenerator
 from oodscale.diffusion.sample import sample_images, scheduler_for
-from tests.test_dit import tiny_dit
+from tests.dit_models import tiny_dit
 
 CLASSES = 3
 

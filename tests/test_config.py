@@ -1,11 +1,8 @@
-from pathlib import Path
 
 import pytest
 
 from oodscale.config import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "configs" / "digits.yaml"
+from tests.support import DIGITS
 
 
 def test_digits_config_loads_with_name_from_file():

@@ -4,14 +4,12 @@ refused where the config is read, saying where credentials go, without repeating
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from oodscale.config import ConfigError, load_config
 from oodscale.runtime import init_ray
+from tests.support import CONFIG
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 SECRET = "wJalrXUtnFEMI-K7MDENG"
 
 LEAKY = {

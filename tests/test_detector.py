@@ -18,7 +18,8 @@ from oodscale.cli import main
 from oodscale.data.shards import load_arrays, read_manifest
 from oodscale.data.validation import validation_indices
 from oodscale.runtime import open_storage
-from tests.experiment import CONFIG, RUN
+from tests.experiment import RUN
+from tests.support import CONFIG
 
 
 def test_validation_indices_are_stratified_disjoint_and_fixed():

@@ -30,9 +30,9 @@ from oodscale.outlier_sources import synthetic_dirname
 from oodscale.outliers import OutlierStream
 from oodscale.runtime import layout_for
 from tests.device_sim import SimulatedAccelerator
+from tests.support import CONFIG
 
 pytestmark = pytest.mark.integration
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 SMALL = [
     "data.ood_sets=[openset,gaussian]", "data.ood_samples=24", "data.shard_size=200",
     "diffusion.block_out_channels=[8,8]", "diffusion.epochs=1", "diffusion.batch_size=32",

@@ -19,29 +19,11 @@ from oodscale.diffusion.classmap import map_classes, read_class_list, to_generat
 from oodscale.diffusion.dit import DiTGenerator, SoftLabelEmbedding
 from oodscale.diffusion.generators import content_hash
 from oodscale.diffusion.mixup import mixup_labels, one_hot
+from tests.dit_models import DIT_CLASSES, tiny_dit
+from tests.support import CONFIG, imagefolder
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
-DIT_CLASSES = 12  # the generator's own classes; the ID data uses three of them
 WNIDS = [f"n{i:08d}" for i in range(DIT_CLASSES)]
 ID_WNIDS = ["n00000002", "n00000007", "n00000011"]
-
-
-def tiny_dit(seed: int = 0, classes: int = DIT_CLASSES) -> DiTGenerator:
-    """A random DiT (2 blocks, latent 4×8×8, learned sigma) and VAE (÷2): 16×16 RGB images."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=classes)
-    for block in transformer.transformer_blocks:  # adaLN-Zero starts at zero: wake it up
-        torch.nn.init.normal_(block.norm1.linear.weight, std=0.2)
-    torch.nn.init.normal_(transformer.proj_out_2.weight, std=0.2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        layers_per_block=1, norm_num_groups=8, sample_size=16)
-    return DiTGenerator(transformer, vae)
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +132,7 @@ def test_generate_train_evaluate_on_a_tiny_dit(dit_dir, tmp_path, ray_cluster):
     _id_folder(data / "val", 4, seed=1)
     root = tmp_path / "runs"
     overrides = [
-        f"storage.root={root}", "data.source=imagefolder", f"data.path={data}",
-        "data.id_classes=null", "data.channels=3", "data.image_size=12", "data.shard_size=64",
+        f"storage.root={root}", *imagefolder(data, 12), "data.shard_size=64",
         "data.ood_sets=[gaussian]", "data.near_ood=[]", "data.ood_samples=16",
         "generate.generator=dit", f"generate.pretrained={dit_dir}",
         f"generate.class_list={dit_dir / 'classes.txt'}", "generate.sampler=dpmsolver",

@@ -16,8 +16,7 @@ from oodscale.data.fashion_mnist import DEBIAN_PATH, fashion_splits, load_split,
 from oodscale.data.prepare import prepare
 from oodscale.data.shards import load_arrays, read_manifest
 from oodscale.runtime import layout_for
-
-FASHION = Path(__file__).resolve().parents[1] / "configs" / "fashion.yaml"
+from tests.support import FASHION
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +12,12 @@ import torch
 from oodscale.classify.grid import grid
 from oodscale.classify.loss_table import LOSS_NAMES
 from oodscale.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import DIGITS, REPO
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -27,8 +25,7 @@ def gpu_check():
 
 
 def test_pipeline_config_covers_every_source_and_score_with_every_gpu_flag(gpu_check, tmp_path):
-    cfg = load_config(ROOT / "configs" / "digits.yaml",
-                      [f"storage.root={tmp_path}", *gpu_check.PIPELINE])
+    cfg = load_config(DIGITS, [f"storage.root={tmp_path}", *gpu_check.PIPELINE])
     assert {spec.outliers for spec in grid(cfg)} == set(gpu_check.SOURCES)
     assert set(cfg.evaluate.scores) == set(gpu_check.SCORE_NAMES)
     assert cfg.diffusion.use_gpu and cfg.generate.use_gpu and cfg.train.use_gpu

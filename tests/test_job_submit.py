@@ -18,9 +18,9 @@ from oodscale.data.shards import read_manifest
 from oodscale.processes import stop_processes
 from oodscale.runtime import open_storage
 from tests.procs import descendants
+from tests.support import REPO
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = ["data.ood_sets=[openset,gaussian]", "data.ood_samples=16",
         "generate.num_shards=2", "generate.samples_per_shard=4", "generate.steps=2",

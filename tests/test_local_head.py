@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.procs import wait_for
+from tests.support import REPO
 
 pytestmark = pytest.mark.integration
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+CLUSTER = REPO / "cluster"
 
 
 def _free_port() -> int:

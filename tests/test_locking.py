@@ -15,8 +15,7 @@ import pytest
 from oodscale.cli import main
 from oodscale.locking import LOCK, STALE_AFTER_S, LockedError, experiment_lock, me
 from oodscale.runtime import RunLayout, open_storage
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+from tests.support import CONFIG
 
 
 def _layout(tmp_path: Path) -> RunLayout:

@@ -8,7 +8,8 @@ import pytest
 
 from oodscale.cli import STAGES, _parser, _split_rest
 from oodscale.config import load_config
-from tests.test_manifests import PROFILES, ROOT, rendered
+from tests.kustomize import PROFILES, rendered
+from tests.support import REPO
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -18,10 +19,10 @@ def test_entrypoints_parse_and_validate(profile):
     for job in jobs:
         argv = shlex.split(job["spec"]["entrypoint"])
         assert argv[:1] == ["python"] and argv[1].startswith("jobs/"), argv
-        script = ROOT / argv[1]
+        script = REPO / argv[1]
         assert script.is_file(), argv[1]
         stage = script.read_text().split('job_main("')[1].split('")')[0]
         assert stage in STAGES
         args = _parser(stage).parse_intermixed_args(argv[2:])
         config, overrides = _split_rest(args.config, args.rest)
-        load_config(ROOT / config, overrides)  # raises ConfigError naming the key
+        load_config(REPO / config, overrides)  # raises ConfigError naming the key

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.faults import NUM_SHARDS, TINY, card, copy, listed, shard_bytes
+from tests.support import REPO
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_on_three_nodes(reference: Path, tmp_path: Path, stage: str, parts: list[str],
@@ -25,9 +25,9 @@ def _run_on_three_nodes(reference: Path, tmp_path: Path, stage: str, parts: list
     root = copy(reference, tmp_path, parts)
     report = tmp_path / "report.json"
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "PYTHONPATH": str(ROOT)}  # the driver imports tests.faults
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_run.py"), str(root),
-                           stage, str(report), *TINY, *extra], env=env, cwd=ROOT,
+           "PYTHONPATH": str(REPO)}  # the driver imports tests.support, tests.faults
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "multinode_run.py"), str(root),
+                           stage, str(report), *TINY, *extra], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return root, {**json.loads(report.read_text()), "output": (done.stdout + done.stderr)[-4000:]}

@@ -13,7 +13,7 @@ from oodscale.outlier_sources import (
     parse_source,
 )
 from oodscale.outliers import OutlierStream, noise_outliers, pixelmix_outliers
-from tests.test_config import DIGITS
+from tests.support import DIGITS
 
 
 def test_source_names_map_to_absolute_directories():

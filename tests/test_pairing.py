@@ -8,7 +8,7 @@ from oodscale.classify.train import RunSpec, _card, initial_classifier, pair_see
 from oodscale.config import load_config
 from oodscale.data.shards import Manifest
 from oodscale.data.streams import reshuffled_batches
-from tests.experiment import CONFIG
+from tests.support import CONFIG
 
 MANIFEST = Manifest(kind="id", split="train", image_size=16, channels=1,
                     class_names=[str(c) for c in range(6)])

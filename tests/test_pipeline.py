@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,9 +13,9 @@ from oodscale.cli import main
 from oodscale.data.shards import load_arrays, read_manifest
 from oodscale.data.streams import CachedShards, training_set
 from oodscale.runtime import open_storage
+from tests.support import CONFIG
 
 pytestmark = pytest.mark.integration
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 
 TINY = [
     "data.ood_sets=[openset,textures,gaussian]", "data.ood_samples=40", "data.shard_size=200",
@@ -203,7 +202,7 @@ def test_a_finetuned_cell_starts_from_its_finished_none_cell(run_root, tmp_path)
     card = json.loads((tuned_dir / "classifier.json").read_text())
     assert card["finetunes"] == "softmax-none-s0" and card["epoch"] == 0 and card["lr"] == 1e-9
 
-    def parameters(run_dir: Path) -> dict:
+    def parameters(run_dir) -> dict:
         weights = load_file(str(run_dir / "model.safetensors"))
         return {k: v for k, v in weights.items()
                 if "running" not in k and "num_batches" not in k}

@@ -20,7 +20,8 @@ from oodscale.classify.models import OODClassifier, build_backbone, build_classi
 from oodscale.config import ConfigError, load_config
 from oodscale.evaluate.detectors import ScoreSet, fit_train
 from oodscale.evaluate.pood import linear_view
-from tests.experiment import CONFIG, RUN, SMALL
+from tests.experiment import RUN, SMALL
+from tests.support import CONFIG
 
 FITTED = ["pood:ViM", "pood:ReAct", "pood:NNGuide", "pood:KNN", "pood:KLMatching", "pood:DICE"]
 

@@ -14,6 +14,7 @@ from oodscale.classify.pretrained import (
     init_from_torchvision,
     torchvision_names,
 )
+from tests.support import DIGITS
 
 
 def _as_torchvision(backbone) -> dict[str, torch.Tensor]:
@@ -72,11 +73,10 @@ def test_refuses_a_small_stem_a_wrong_file_and_another_depth(tmp_path):
 
 
 def test_config_refuses_an_init_checkpoint_for_a_non_resnet():
-    from pathlib import Path
 
     from oodscale.config import ConfigError, load_config
 
-    digits = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    digits = DIGITS
     with pytest.raises(ConfigError, match="torchvision ResNets"):
         load_config(digits, ["train.init_checkpoint=/models/r50.safetensors"])
     cfg = load_config(digits, ["train.init_checkpoint=/m.safetensors", "train.backbone=resnet50"])

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO
+
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "data.ood_sets=[gaussian]", "data.ood_samples=16", "train.losses=[softmax]",
     "train.outliers=[none]", "train.epochs=2", "train.num_workers=1", "train.batch_size=32",

@@ -2,50 +2,20 @@ import os
 import re
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from oodscale.evaluate.metrics import ood_metrics
 from oodscale.evaluate.report import aggregate, summary_table, write_report
+from tests.report_data import GROUPS, toy_scores
 
-GROUPS = {"held_out": "near", "noise": "far"}  # "textures" is unlisted -> far
 EXPECTED_COLUMNS = [
     "run", "loss", "outliers", "seed", "score_name", "ood_set", "group",
     "fpr95", "auroc", "aupr_in", "aupr_out", "fpr95_id_positive", "id_acc",
 ]
 
 
-def _scores(seeds=(0, 1)) -> pd.DataFrame:
-    """Small long frame: 2 losses x 2 outlier settings x seeds x 2 scores, 3 OOD sets."""
-    rng = np.random.default_rng(0)
-    frames = []
-    for loss in ("softmax", "arcface"):
-        for outliers in ("none", "labelmix"):
-            for seed in seeds:
-                run = f"{loss}-{outliers}-s{seed}"
-                labels = np.arange(20) % 3
-                preds = labels.copy()
-                preds[:2] = (preds[:2] + 1) % 3  # 90 % accuracy
-                # arcface+labelmix separates perfectly: it wins every paired comparison.
-                shift = 10.0 if (loss, outliers) == ("arcface", "labelmix") else 1.0
-                for score_name in ("msp", "maxcos"):
-                    parts = [("id", rng.normal(shift, 1.0, 20), labels, preds)]
-                    for ood_set in ("held_out", "noise", "textures"):
-                        minus = -np.ones(15, dtype=int)
-                        parts.append((ood_set, rng.normal(0.0, 1.0, 15), minus, minus))
-                    for dataset, score, label, pred in parts:
-                        frames.append(pd.DataFrame({
-                            "run": run, "loss": loss, "outliers": outliers, "seed": seed,
-                            "score_name": score_name, "dataset": dataset,
-                            "sample": [f"{dataset}-{i:03d}" for i in range(len(score))],
-                            "is_ood": dataset != "id", "score": score,
-                            "label": label, "pred": pred,
-                        }))
-    return pd.concat(frames, ignore_index=True)
-
-
 def test_aggregate_rows_and_columns():
-    scores = _scores()
+    scores = toy_scores()
     results = aggregate(scores, GROUPS)
     assert list(results.columns) == EXPECTED_COLUMNS
     assert len(results) == 8 * 2 * 3
@@ -64,11 +34,11 @@ def test_aggregate_rows_and_columns():
 
 def test_aggregate_rejects_bad_group():
     with pytest.raises(ValueError, match="near"):
-        aggregate(_scores(seeds=(0,)), {"noise": "middle"})
+        aggregate(toy_scores(seeds=(0,)), {"noise": "middle"})
 
 
 def test_summary_table_formats():
-    results = aggregate(_scores(), GROUPS)
+    results = aggregate(toy_scores(), GROUPS)
     table = summary_table(results)
     assert len(table) == 2 * 2 * 2
     assert list(table.columns[:3]) == ["loss", "outliers", "score_name"]
@@ -77,13 +47,13 @@ def test_summary_table_formats():
     assert re.fullmatch(r"\d+\.\d ± \d+\.\d", table["near FPR95"].iloc[0])
     best = table[(table["loss"] == "arcface") & (table["outliers"] == "labelmix")]
     assert (best["near FPR95"] == "0.0 ± 0.0").all()
-    single = summary_table(aggregate(_scores(seeds=(0,)), GROUPS))
+    single = summary_table(aggregate(toy_scores(seeds=(0,)), GROUPS))
     assert "±" not in single["far AUROC"].iloc[0]
     assert single["ID acc"].iloc[0] == "90.0"
 
 
 def test_validation_results_choose_the_primary_score(tmp_path):
-    scores = _scores()
+    scores = toy_scores()
     results = aggregate(scores, GROUPS)
     test_best = write_report(results, scores, str(tmp_path / "a"), "On test")
     assert "the test sets themselves" in (tmp_path / "a" / "report.md").read_text()
@@ -99,7 +69,7 @@ def test_validation_results_choose_the_primary_score(tmp_path):
 
 
 def test_write_report(tmp_path):
-    scores = _scores()
+    scores = toy_scores()
     results = aggregate(scores, GROUPS)
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"not really a png")
@@ -126,7 +96,7 @@ def test_write_report(tmp_path):
 
 
 def test_the_generators_sample_quality_is_reported(tmp_path):
-    scores = _scores(seeds=(0,))
+    scores = toy_scores(seeds=(0,))
     quality = {"reference_test_accuracy": 99.4, "conditional_accuracy": 98.3,
                "frechet_distance": 6.3, "mix_weaker_share": 0.09, "class_samples": 60,
                "mix_samples": 60, "reference": "smallcnn softmax"}

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from oodscale.evaluate.report import aggregate, write_report
 from oodscale.evaluate.report_check import check_report
 from oodscale.evaluate.report_html import package_versions
-from tests.test_report import GROUPS, _scores
+from tests.report_data import GROUPS, toy_scores
 
 PROVENANCE = {"config": "name: digits\nseed: 0\n", "commit": "0123abcd",
               "models": {"classifier softmax-none-s0": "feedface00000000"},
@@ -29,7 +29,7 @@ def report(tmp_path_factory):
     FigureCanvasAgg(fig)
     fig.add_subplot().imshow(np.random.default_rng(0).random((8, 8)))
     fig.savefig(grid)
-    scores = _scores()
+    scores = toy_scores()
     out = tmp_path / "eval"
     write_report(aggregate(scores, GROUPS), scores, str(out), "Test report",
                  {"Label-mixup outliers beside ID samples": str(grid)}, provenance=PROVENANCE)

@@ -7,7 +7,6 @@ import ipaddress
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import psutil
 import pytest
@@ -15,8 +14,8 @@ import pytest
 from oodscale.config import load_config
 from oodscale.runtime import init_ray, is_loopback
 from tests.procs import descendants
+from tests.support import CONFIG
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
 # A job's own Ray, started by oodscale.runtime.init_ray in a child process, held until stdin
 # closes; the child prints its pid once Ray is up.
 START = f"""

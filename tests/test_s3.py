@@ -14,6 +14,7 @@ import pytest
 from oodscale.classify.cards import CARD, WEIGHTS, trained_runs
 from oodscale.distributed import publish_dir
 from oodscale.runtime import open_storage
+from tests.support import REPO
 
 
 def _model_dir(path: Path, version: str) -> Path:
@@ -48,7 +49,7 @@ def test_s3_publish_writes_final_names_card_last(s3_server, tmp_path):
 
 def test_no_directory_move_remains():
     """pyarrow's S3 and GCS filesystems cannot move a directory: nothing in oodscale tries."""
-    root = Path(__file__).resolve().parents[1] / "oodscale"
+    root = REPO / "oodscale"
     for path in root.rglob("*.py"):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if ".move(" in line:

@@ -11,8 +11,7 @@ from PIL import Image
 from oodscale.cli import main
 from oodscale.data.shards import load_arrays, read_manifest, tar_bytes
 from oodscale.runtime import open_storage
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+from tests.support import CONFIG, SMALL_OOD, imagefolder
 
 
 def _imagefolder(root: Path, classes: list[str], per_class: int, seed: int) -> None:
@@ -31,9 +30,8 @@ def test_imagefolder_tree_becomes_id_shards(tmp_path, ray_cluster):
     _imagefolder(data / "train", ["n01", "n02", "n03"], 7, seed=0)
     _imagefolder(data / "val", ["n01", "n02", "n03"], 3, seed=1)
     root = tmp_path / "runs"
-    overrides = [f"storage.root={root}", "data.source=imagefolder", f"data.path={data}",
-                 "data.id_classes=null", "data.channels=3", "data.image_size=12",
-                 "data.shard_size=4", "data.ood_sets=[gaussian]", "data.ood_samples=8"]
+    overrides = [f"storage.root={root}", *imagefolder(data, 12), "data.shard_size=4",
+                 *SMALL_OOD]
     assert main(["prepare", CONFIG, *overrides]) == 0
     storage = open_storage(str(root))
     train_dir = storage.path("digits", "data", "id", "train")

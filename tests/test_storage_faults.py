@@ -17,8 +17,7 @@ from PIL import Image
 from oodscale.cli import main
 from oodscale.data.shards import MANIFEST, Manifest, read_manifest, write_manifest
 from oodscale.runtime import Storage, StorageError, open_storage
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+from tests.support import CONFIG, imagefolder
 
 
 class _FullDisk:
@@ -112,9 +111,8 @@ def test_full_root_in_a_ray_worker_is_named(small_fs, tmp_path, ray_cluster, cap
             pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(data / label / f"{i}.png")
     _fill(small_fs, leave=8192)
-    assert main(["prepare", CONFIG, f"storage.root={small_fs}", "data.source=imagefolder",
-                 f"data.path={data.parent}", "data.id_classes=null", "data.channels=3",
-                 "data.image_size=32", "data.shard_size=10", "data.ood_sets=[gaussian]"]) == 1
+    assert main(["prepare", CONFIG, f"storage.root={small_fs}", *imagefolder(data.parent, 32),
+                 "data.shard_size=10", "data.ood_sets=[gaussian]"]) == 1
     err = capsys.readouterr().err
     ours = err[err.index("oodscale prepare: error: "):]  # after Ray Data's own log lines
     assert "cannot write" in ours and "No space left" in ours

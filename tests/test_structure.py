@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "oodscale"
+from tests.support import REPO
+
+PACKAGE = REPO / "oodscale"
+TESTS = REPO / "tests"
 HEAVY = ("torch", "pytorch_metric_learning", "webdataset", "diffusers")
 
 
@@ -27,6 +30,12 @@ def test_config_and_help_import_nothing_heavy():
                         "load_config('configs/fashion.yaml')") == []
     assert _heavy_after("from oodscale.cli import main\n"
                         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass") == []
+
+
+def test_config_docs_import_nothing_heavy():
+    """`make docs` renders the defaults table from the config alone."""
+    assert _heavy_after("from oodscale.config_docs import render_table\n"
+                        "render_table('configs/digits.yaml')") == []
 
 
 def test_status_imports_nothing_heavy(tmp_path):
@@ -93,3 +102,41 @@ def test_the_package_has_no_import_circle():
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _test_modules_imported(tree: ast.Module, test_modules: set[str]) -> set[str]:
+    """The modules of `test_modules` (stems of tests/test_*.py) that `tree` imports, however
+    spelt: `tests.test_x`, a bare `test_x` (pytest's rootdir on sys.path) or relative `.test_x`."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names = [base, *(f"{base}.{a.name}".lstrip(".") for a in node.names)]
+        else:
+            continue
+        found.update(first for name in names
+                     if (first := name.removeprefix("tests.").split(".")[0]) in test_modules)
+    return found
+
+
+def test_no_test_module_imports_another():
+    """Tests share code through helper modules (support.py, faults.py, kustomize.py, ...) and
+    conftest.py's fixtures: a test module imported by another runs twice under two names, and
+    ties one module's tests to another's internals."""
+    test_modules = {p.stem for p in TESTS.glob("test_*.py")}
+    found = {p.name: sorted(_test_modules_imported(ast.parse(p.read_text()), test_modules)
+                            - {p.stem})
+             for p in sorted(TESTS.glob("*.py"))}
+    assert {name: hits for name, hits in found.items() if hits} == {}, (
+        "move what they share into a helper module of tests/ (not test_*.py) or a fixture")
+
+
+def test_the_test_import_finder_sees_every_spelling():
+    tree = ast.parse("from tests.test_a import x\nimport tests.test_b\nfrom tests import test_c\n"
+                     "from .test_d import y\nfrom . import test_e\nfrom test_f import z\n"
+                     "import test_g as g\nfrom tests.support import CONFIG\n"
+                     "from oodscale import test_h\n")
+    modules = {f"test_{c}" for c in "abcdefgh"}
+    assert _test_modules_imported(tree, modules) == modules - {"test_h"}

@@ -10,9 +10,7 @@ from sklearn.datasets import load_digits
 from oodscale.config import load_config
 from oodscale.data import builtin
 from oodscale.data.prepare import _in_memory_splits
-from tests.experiment import CONFIG
-
-FASHION = CONFIG.replace("digits.yaml", "fashion.yaml")
+from tests.support import CONFIG, FASHION
 
 
 def _openset(cfg, purpose: str) -> np.ndarray:

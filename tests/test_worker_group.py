@@ -10,8 +10,7 @@ import pytest
 from oodscale.config import load_config
 from oodscale.distributed import HEALTH_CHECK_ENV, run_trainer
 from oodscale.runtime import layout_for
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+from tests.support import DIGITS
 
 
 def _write_poll_interval(config: dict) -> None:
@@ -25,7 +24,7 @@ def _write_poll_interval(config: dict) -> None:
 @pytest.mark.integration
 def test_worker_groups_poll_every_half_second_unless_the_environment_says(ray_cluster, tmp_path,
                                                                           monkeypatch):
-    cfg = load_config(CONFIG, [f"storage.root={tmp_path}", "train.num_workers=1"])
+    cfg = load_config(DIGITS, [f"storage.root={tmp_path}", "train.num_workers=1"])
     out = tmp_path / "interval"
     monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
     run_trainer(_write_poll_interval, {"out": str(out)}, {}, cfg.train, layout_for(cfg), "poll")
