@@ -38,11 +38,11 @@ FIGURES = [("conditional_accuracy", "cond. acc. (%)", ".1f"),
            ("mix_entropy_ratio", "entropy / log K", ".2f")]
 
 
-def run_arm(config: str, arm: str, root: str, per_class: int) -> dict:
+def run_arm(config: str, arm: str, root: str, per_class: int, extra: list[str]) -> dict:
     """Prepare and train one arm's DDPM (a finished arm is read back); its card and time."""
     name = f"{Path(config).stem}-recipe-{arm}"
     common = [f"name={name}", f"storage.root={root}",
-              f"diffusion.quality_per_class={per_class}", *ARMS[arm]]
+              f"diffusion.quality_per_class={per_class}", *extra, *ARMS[arm]]
     oodscale = [str(Path(sys.executable).parent / "oodscale")]
     started = time.time()
     for stage in ("prepare", "train-diffusion"):
@@ -72,14 +72,17 @@ def main() -> None:
     parser.add_argument("--root", default="runs", help="storage root of the arms' experiments")
     parser.add_argument("--per-class", type=int, default=64,
                         help="quality samples per class (and as many label-mixup ones)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every arm, e.g. diffusion.torch_threads=1")
     parser.add_argument("--no-write", action="store_true", help="print only, write no record")
     args = parser.parse_args()
-    results = {arm: run_arm(args.config, arm, args.root, args.per_class)
+    results = {arm: run_arm(args.config, arm, args.root, args.per_class, args.set)
                for arm in args.arm or list(ARMS)}
     some = next(iter(results.values()))["card"]
     quality = some.get("quality", {})
     body = (f"DDPM of `{args.config}` per arm, trained in `{args.root}/<config>-recipe-<arm>`; "
-            f"{some['epochs']} epochs, {some['steps']:,} optimiser steps each. Quality: "
+            f"{some['epochs']} epochs, {some['steps']:,} optimiser steps each"
+            f"{', with ' + ' '.join(args.set) if args.set else ''}. Quality: "
             f"{quality.get('class_samples', '?')} class-conditional and "
             f"{quality.get('mix_samples', '?')} label-mixup samples ({quality.get('sampling')}), "
             f"read by {quality.get('reference', 'the reference classifier')} against "
