@@ -6,8 +6,9 @@ named by subtree and index), read and decode the files, and an actor pool of
 `evaluate.concurrency` actors (one GPU each on a GPU cluster), each loading the detector once,
 scores them. Rows come back to the driver (a few numbers each, never images), which writes each
 part to `<out>/part-<unit key>-<index>.parquet` as soon as all its rows are in (temp name, then
-rename) and `<out>/_SUCCESS.json` last. The driver holds the rows of the parts not yet complete
-and a few counts per subtree, never the file list, so its memory does not grow with the input.
+rename) and `<out>/_SUCCESS.json` last. The driver holds the rows of the parts not yet complete,
+a few counts per argument and one name per part, never the file list; scoring actors pad their
+batches to a few shapes (`padded`), so neither grows with the number of images.
 A rerun with the same inputs and `--out` skips the parts already written, so an interrupted run
 resumes.
 """
