@@ -1,6 +1,6 @@
 """`oodscale predict` side by side: the single-process path and Ray Data batch inference.
 
-    .venv/bin/python bench/bench_predict.py             # ~8 min on 2 cores; writes a record
+    .venv/bin/python bench/bench_predict.py             # ~12 min on 2 cores; writes a record
                                                         # bench/results/bench_predict_*.md
     .venv/bin/python bench/bench_predict.py --no-write  # print only
     .venv/bin/python bench/bench_predict.py --no-write --images 500  # a quick look
@@ -9,14 +9,16 @@ Both paths score the same folder of 32x32 RGB PNGs with the same classifier (a c
 smallcnn written by hand, tests/experiment.hand_calibrated: scoring cost is a digits model's).
 Each row runs in a fresh process; its peak RSS is the sum over that process and every process
 under it (the local Ray it starts included), sampled every 50 ms. Images/s is the predict call
-alone; Ray's start-up (a local Ray, once per process) is its own column. The memory rows score
-10x the images: flat means the rows, not the images, are what the driver holds.
+alone; Ray's start-up (a local Ray, once per process) is its own column. Every path runs at N
+and at 10x N images: flat memory means neither the driver nor the actors hold more for more
+images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -97,9 +99,9 @@ def main() -> None:
     from tests.experiment import hand_calibrated
 
     n = args.images
-    cases = [("local", 1, n), ("ray", 1, n), ("ray", 2, n), ("local", 1, 10 * n),
-             ("ray", 2, 10 * n)]
-    rows = []
+    cases = [(engine, actors, count) for count in (n, 10 * n)
+             for engine, actors in (("local", 1), ("ray", 1), ("ray", 2))]
+    rows, load = [], [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         hand_calibrated(work / "runs")
@@ -107,10 +109,12 @@ def main() -> None:
             row = {"engine": engine, "actors": actors, **run_case(engine, actors, count, work)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    load.append(os.getloadavg()[0])
     lines = [f"{platform.processor() or platform.machine()}, "
              f"`python bench/bench_predict.py --images {n}`; 32x32 RGB PNGs, a digits "
              f"smallcnn, evaluate.batch_size=512. Peak RSS: the process and every process "
-             f"under it (its local Ray included).", "",
+             f"under it (its local Ray included). Load average (1 min) at start and end: "
+             f"{load[0]:.1f}, {load[1]:.1f} on {os.cpu_count()} cores.", "",
              "| path | actors | images | images/s | Ray start-up (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['engine']} | {r['actors'] if r['engine'] == 'ray' else '-'} | "

@@ -21,13 +21,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from oodscale.config import ExperimentConfig
-from oodscale.data.images import IMAGE_SUFFIXES, BadImageError, ImageLimits, list_folder
-from oodscale.errors import InputError, MissingError
-from oodscale.runtime import RunLayout, Storage, open_storage
+from oodscale.data.images import (
+    IMAGE_SUFFIXES,
+    BadImageError,
+    ImageLimits,
+    iter_folder,
+    list_folder,
+)
+from oodscale.errors import InputError
+from oodscale.predict_inputs import no_images, open_argument
+from oodscale.runtime import RunLayout, Storage
 
 
 @dataclass(frozen=True)
@@ -51,20 +57,31 @@ def iter_image_paths(paths: list[str], skipped: list[str] | None = None) -> Iter
     never a URI to parse again): a file as given, a folder's images (recursive, sorted; what a
     folder holds beside them is said in lines appended to `skipped`)."""
     for path in paths:
-        storage = open_storage(path)
-        info = storage.fs.get_file_info(storage.base)
-        if info.type == pafs.FileType.NotFound:
-            raise MissingError(f"{path} not found")
-        if info.type == pafs.FileType.Directory:
+        storage, folder = open_argument(path)
+        if folder:
             listing = list_folder(storage, storage.base)
             if not listing.files:
-                raise InputError(" ".join([f"folder {path} holds no images with suffixes "
-                                           f"{sorted(IMAGE_SUFFIXES)}", *listing.skipped()]))
+                raise no_images(path, listing.skipped())
             if skipped is not None:
                 skipped += [f"{path}: {line}" for line in listing.skipped()]
             yield from (storage.at(p) for p in listing.files)
         else:
             yield storage
+
+
+def more_images_than(paths: list[str], limit: int) -> bool:
+    """Whether `paths` name more than `limit` images, walking no further than that (on local
+    disk): `--engine auto` decides without the driver listing a large folder whole."""
+    count = 0
+    for path in paths:
+        storage, folder = open_argument(path)
+        found = (p for kind, p in iter_folder(storage, storage.base) if kind == "file"
+                 and Path(p).suffix.lower() in IMAGE_SUFFIXES) if folder else [storage.base]
+        for _ in found:
+            count += 1
+            if count > limit:
+                return True
+    return False
 
 
 def _chunks(items: Iterator[Storage], size: int) -> Iterator[list[Storage]]:
@@ -176,17 +193,16 @@ def predict(cfg: ExperimentConfig, layout: RunLayout, request: PredictRequest) -
                              batch_size=cfg.evaluate.batch_size,
                              limits=ImageLimits.from_config(cfg.data))
     size = (detector.image_size, detector.channels)
-    skipped: list[str] = []
-    files: Iterator[Storage] = iter_image_paths(request.paths, skipped)
-    if request.engine != "local":
-        listed = list(files)
-        if request.engine == "ray" or len(listed) > RAY_MIN_FILES:
-            from oodscale.predict_ray import predict_with_ray
+    engine = request.engine
+    if engine == "auto":
+        engine = "ray" if more_images_than(request.paths, RAY_MIN_FILES) else "local"
+    if engine == "ray":
+        from oodscale.predict_ray import predict_with_ray
 
-            return "\n".join([detector.describe(), predict_with_ray(
-                cfg, layout, request, listed, layout.storage.at(directory), skipped, size,
-                ROW_SCHEMA)])
-        files = iter(listed)
+        return "\n".join([detector.describe(), predict_with_ray(
+            cfg, request, layout.storage.at(directory), size, ROW_SCHEMA)])
+    skipped: list[str] = []
+    files = iter_image_paths(request.paths, skipped)
     out = Path(request.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")

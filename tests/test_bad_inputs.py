@@ -653,11 +653,11 @@ def test_predict_with_ray_data_writes_parts_resumes_and_skips_bad_files(calibrat
                                                                          monkeypatch):
     import pandas as pd
 
-    import oodscale.predict_ray as predict_ray
+    import oodscale.predict_listing as predict_listing
     from oodscale.data.images import BadImageError
     from oodscale.predict import PredictRequest, predict
 
-    monkeypatch.setattr(predict_ray, "PART_FILES", 3)
+    monkeypatch.setattr(predict_listing, "PART_FILES", 3)
     cfg, layout, run = calibrated
     folder = tmp_path / "mine"
     bad = _hostile_folder(folder)
@@ -693,6 +693,57 @@ def test_predict_with_ray_data_writes_parts_resumes_and_skips_bad_files(calibrat
         p.unlink()
     with pytest.raises(BadImageError, match="rerun resumes from them"):
         predict(cfg, layout, PredictRequest(run, None, str(out), [str(folder)], engine="ray"))
+
+
+@pytest.mark.integration
+def test_predict_with_ray_lists_subtrees_in_tasks_link_safe_and_resumes(calibrated, tmp_path,
+                                                                          monkeypatch):
+    """Ray tasks walk a nested folder with a loop and links out of it as the driver's walk
+    does; a rerun after a part went missing scores only that part and ends with the rows of
+    the single-process path."""
+    import pandas as pd
+
+    import oodscale.predict_listing as predict_listing
+    from oodscale.errors import InputError
+    from oodscale.predict import PredictRequest, predict
+
+    monkeypatch.setattr(predict_listing, "PART_FILES", 2)
+    cfg, layout, run = calibrated
+    tree, _ = _linked_tree(tmp_path)
+    (tree / "sub" / "deep").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(tree / "sub" / "deep" /
+                                                                   f"d{i}.png")
+    (tree / "sub" / "deep" / "top").symlink_to(tree)  # a loop from two levels down
+    (tree / "notes.txt").write_text("not an image")
+    local = tmp_path / "local.parquet"
+    predict(cfg, layout, PredictRequest(run, None, str(local), [str(tree)], engine="local"))
+    expected = pd.read_parquet(local).sort_values("path").reset_index(drop=True)
+    assert len(expected) == 7 and not any("out/" in p or "up/" in p for p in expected["path"])
+    out = tmp_path / "rows"
+    request = PredictRequest(run, None, str(out), [str(tree)], engine="ray")
+    summary = predict(cfg, layout, request)
+    parts = sorted(out.glob("part-*.parquet"))
+    # the folder's own files (a.png, again.png: one part) and sub/ (5 files: three parts)
+    assert "4 of 4 part(s) scored now" in summary and len(parts) == 4
+    assert "5 file(s) links not followed" in summary and "1 file(s) without an image" in summary
+
+    def rows() -> pd.DataFrame:
+        found = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("part-*.parquet"))])
+        return found.sort_values("path").reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows(), expected, check_exact=False, atol=1e-5)
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts}
+    parts[2].unlink()  # an interrupted run: one part of the subtree missing
+    assert "1 of 4 part(s) scored now (3 already written)" in predict(cfg, layout, request)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")
+            if p.name != parts[2].name} == {k: v for k, v in stamps.items()
+                                           if k != parts[2].name}
+    pd.testing.assert_frame_equal(rows(), expected, check_exact=False, atol=1e-5)
+    assert json.loads((out / "_SUCCESS.json").read_text())["files"] == 7
+    (out / "part-000000.parquet").write_bytes(b"")  # a part named as before 2026-12-04
+    with pytest.raises(InputError, match="parts named as before 2026-12-04"):
+        predict(cfg, layout, request)
 
 
 def test_unreadable_image_errors_say_why_in_words(tmp_path):

@@ -6,10 +6,12 @@ error here, and only the formats the project reads are opened (`formats=`), so a
 .png is never handed to one of Pillow's other decoders.
 
 Every folder walk (prepare's ImageFolder, `--ood` folders, `oodscale predict`, bring-your-own
-WebDataset sets) goes through `list_folder`. On local disk it does not follow a link to a
-directory (a `sub/up -> ..` loop would list the tree again and again) and takes a link to a
-file only when the file lies inside the tree; what it leaves out is listed, never silently
-dropped. Object stores have no links: pyarrow's recursive listing is used there as it is.
+WebDataset sets) goes through `iter_folder` (`list_folder` sorts what it finds;
+`list_first_level` splits a folder into the subtrees `predict --engine ray` walks in tasks).
+On local disk it does not follow a link to a directory (a `sub/up -> ..` loop would list the
+tree again and again) and takes a link to a file only when the file lies inside the tree; what
+it leaves out is listed, never silently dropped. Object stores have no links: pyarrow's recursive
+listing is used there as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,45 +141,95 @@ class FolderListing:
 
     def skipped(self, limit: int = 5) -> list[str]:
         """Lines saying what the listing left out, for a summary (empty when nothing was)."""
-        lines = []
-        for what, paths in (("without an image suffix", self.others),
-                            ("links not followed (a directory, or outside the folder)",
-                             self.links)):
-            if paths:
-                more = f", ... {len(paths) - limit} more" if len(paths) > limit else ""
-                lines.append(f"{len(paths)} file(s) {what}, skipped: "
-                             f"{', '.join(paths[:limit])}{more}")
-        return lines
+        return skipped_lines({"others": len(self.others), "links": len(self.links)},
+                             {"others": self.others, "links": self.links}, limit)
+
+
+SKIPPED = {"others": "without an image suffix",
+           "links": "links not followed (a directory, or outside the folder)"}
+
+
+def skipped_lines(counts: dict[str, int], examples: dict[str, list[str]],
+                  limit: int = 5) -> list[str]:
+    """Lines saying what a listing left out: per kind of `SKIPPED` its count and its first
+    `limit` paths (counts and examples apart, so listings walked in tasks can be summed)."""
+    lines = []
+    for kind, what in SKIPPED.items():
+        if counts.get(kind):
+            more = f", ... {counts[kind] - limit} more" if counts[kind] > limit else ""
+            lines.append(f"{counts[kind]} file(s) {what}, skipped: "
+                         f"{', '.join(examples[kind][:limit])}{more}")
+    return lines
 
 
 def _inside(path: str, tree: str) -> bool:
     return os.path.commonpath([path, tree]) == tree
 
 
-def _walk_local(top: str, tree: str) -> tuple[list[str], list[str]]:
-    """(files, links not followed) under `top`, never leaving the real path `tree` and never
-    entering a directory twice (by device and inode, in case a bind mount makes a loop)."""
+def _entry_kind(entry: os.DirEntry, tree: str) -> str:
+    """"file", "dir" (a directory to enter), "link" (a link not followed) or "" (a socket,
+    a fifo: nothing to list)."""
+    if entry.is_symlink():
+        target = os.path.realpath(entry.path)
+        return "file" if os.path.isfile(target) and _inside(target, tree) else "link"
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    return "file" if entry.is_file(follow_symlinks=False) else ""
+
+
+def _scan(directory: str, tree: str) -> Iterator[tuple[str, str]]:
+    """(kind, path) of each entry of `directory` that has one (`_entry_kind`)."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            kind = _entry_kind(entry, tree)
+            if kind:
+                yield kind, entry.path
+
+
+def _iter_local(top: str, tree: str) -> Iterator[tuple[str, str]]:
+    """("file" | "link", path) under `top`, unsorted, never leaving the real path `tree` and
+    never entering a directory twice (by device and inode, in case a bind mount makes a loop);
+    a walk of a subtree never enters `tree` itself, so subtrees walked apart (predict's Ray
+    tasks) stop where one whole walk would."""
     if not _inside(os.path.realpath(top), tree):
-        return [], [top]
-    files, links, seen, stack = [], [], set(), [top]
+        yield "link", top
+        return
+    seen, stack = set(), [top]
+    if os.path.realpath(top) != tree:
+        stat = os.stat(tree)
+        seen.add((stat.st_dev, stat.st_ino))
     while stack:
         directory = stack.pop()
         stat = os.stat(directory)
         if (stat.st_dev, stat.st_ino) in seen:
-            links.append(directory)
+            yield "link", directory
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    ok = os.path.isfile(target) and _inside(target, tree)
-                    (files if ok else links).append(entry.path)
-                elif entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    files.append(entry.path)
-    return files, links
+        for kind, path in _scan(directory, tree):
+            if kind == "dir":
+                stack.append(path)
+            else:
+                yield kind, path
+
+
+def iter_folder(storage: Storage, directory: str,
+                tree: str | None = None) -> Iterator[tuple[str, str]]:
+    """("file" | "link", path) for everything under `directory`, unsorted, as `list_folder`
+    walks it; lazy on local disk, so a count can stop early (pyarrow lists an object store
+    in one call)."""
+    if isinstance(storage.fs, pafs.LocalFileSystem):
+        yield from _iter_local(directory, os.path.realpath(tree or directory))
+    else:
+        infos = storage.fs.get_file_info(pafs.FileSelector(directory, recursive=True))
+        yield from (("file", i.path) for i in infos if i.type == pafs.FileType.File)
+
+
+def _split(found: list[tuple[str, str]], suffixes: set[str] | None) -> FolderListing:
+    wanted = IMAGE_SUFFIXES if suffixes is None else suffixes
+    listing = FolderListing(links=sorted(p for kind, p in found if kind == "link"))
+    for path in sorted(p for kind, p in found if kind == "file"):
+        (listing.files if Path(path).suffix.lower() in wanted else listing.others).append(path)
+    return listing
 
 
 def list_folder(storage: Storage, directory: str, suffixes: set[str] | None = None,
@@ -184,16 +237,26 @@ def list_folder(storage: Storage, directory: str, suffixes: set[str] | None = No
     """Every file under `directory` (recursive), split by suffix (`suffixes`, lower case;
     default the image suffixes). On local disk links are handled as the module says, `tree`
     (default `directory`) being the folder no link may lead out of."""
-    wanted = IMAGE_SUFFIXES if suffixes is None else suffixes
+    return _split(list(iter_folder(storage, directory, tree)), suffixes)
+
+
+def list_first_level(storage: Storage, directory: str) -> tuple[FolderListing, list[str]]:
+    """The files directly in `directory` (split and links handled as `list_folder` does) and
+    its subdirectories that are not links, both sorted: the units a walk splits into."""
+    found, subdirs = [], []
     if isinstance(storage.fs, pafs.LocalFileSystem):
-        found, links = _walk_local(directory, os.path.realpath(tree or directory))
+        for kind, path in _scan(directory, os.path.realpath(directory)):
+            if kind == "dir":
+                subdirs.append(path)
+            else:
+                found.append((kind, path))
     else:
-        infos = storage.fs.get_file_info(pafs.FileSelector(directory, recursive=True))
-        found, links = [i.path for i in infos if i.type == pafs.FileType.File], []
-    listing = FolderListing(links=sorted(links))
-    for path in sorted(found):
-        (listing.files if Path(path).suffix.lower() in wanted else listing.others).append(path)
-    return listing
+        for info in storage.fs.get_file_info(pafs.FileSelector(directory)):
+            if info.type == pafs.FileType.Directory:
+                subdirs.append(info.path)
+            elif info.type == pafs.FileType.File:
+                found.append(("file", info.path))
+    return _split(found, None), sorted(subdirs)
 
 
 def image_files(storage: Storage, directory: str, tree: str | None = None) -> list[str]:
