@@ -1,5 +1,6 @@
 """The DDPM recipe at equal compute: sample quality of the old recipe (constant lr, no warm-up,
-no EMA) against the EMA recipe at two peak learning rates, on one config.
+no EMA) against the EMA recipe at two peak learning rates, and the new schedule without the
+EMA, on one config.
 
     .venv/bin/python bench/bench_ddpm_recipe.py [--config configs/fashion.yaml] [--arm old ...]
 
@@ -29,6 +30,8 @@ ARMS: dict[str, list[str]] = {
             "diffusion.lr_warmup_steps=0", "diffusion.ema_decay=0"],
     "ema-2e-4": ["diffusion.lr=2e-4"],
     "ema-1e-3": ["diffusion.lr=1e-3"],
+    "ema-2e-3": ["diffusion.lr=2e-3"],  # the old recipe's lr under the new schedule and EMA
+    "noema-1e-3": ["diffusion.lr=1e-3", "diffusion.ema_decay=0"],  # the EMA's share alone
 }
 FIGURES = [("conditional_accuracy", "cond. acc. (%)", ".1f"),
            ("reference_test_accuracy", "ref. on ID test (%)", ".1f"),

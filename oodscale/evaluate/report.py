@@ -404,8 +404,9 @@ DRAWN_LABELS = {"mix_samples": "outliers read", "mix_pair_mass": "mass on a or b
 def drawn_table(drawn: dict[str, dict[str, Any]]) -> Table:
     """Per set of outliers the grid trains on, how between its two classes the reference
     finds it (`generate.quality_samples`, recorded in the shards' manifest)."""
-    rows = [{"outliers": name, **{label: f"{figures[key]:.3g}" for key, label in
-                                  DRAWN_LABELS.items() if key in figures}}
+    rows = [{"outliers": name, **{label: f"{figures[key]:,}" if key == "mix_samples"
+                                  else f"{figures[key]:.3g}"
+                                  for key, label in DRAWN_LABELS.items() if key in figures}}
             for name, figures in drawn.items()]
     return Table("Drawn outliers, read by the reference classifier", pd.DataFrame(rows), None,
                  "Measured on the shards the classifiers train on (`generate.quality_samples` "
