@@ -25,6 +25,7 @@ from oodscale.classify.ambiguity import filter_synthetic
 from oodscale.classify.augment import Augment
 from oodscale.classify.checkpoints import CARD, WEIGHTS, classifier_from_card, save_classifier
 from oodscale.classify.grid import RunSpec, grid
+from oodscale.classify.loss_table import BASELINE_LOSS
 from oodscale.classify.pretrained import init_from_torchvision
 from oodscale.classify.step import train_epoch
 from oodscale.config import ExperimentConfig, steps_per_epoch
@@ -39,7 +40,7 @@ from oodscale.distributed import (
     run_trainer,
 )
 from oodscale.errors import InputError
-from oodscale.outlier_sources import OutlierSource, generator_sources, parse_source
+from oodscale.outlier_sources import NO_OUTLIERS, OutlierSource, generator_sources, parse_source
 from oodscale.outliers import OutlierStream
 from oodscale.progress import epoch_progress
 from oodscale.runtime import (
@@ -260,7 +261,7 @@ def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str
     pending = [s for s in grid(cfg) if not finished(s)]
     filtered = [s for s in pending if parse_source(s.outliers, default).filtered]
     first = [s for s in pending if s not in filtered]
-    plain = RunSpec("softmax", "none", cfg.train.seeds[0])
+    plain = RunSpec(BASELINE_LOSS, NO_OUTLIERS, cfg.train.seeds[0])
     if filtered and not finished(plain) and plain not in first:
         first.insert(0, plain)
     cells = {s.name: {"loss": s.loss, "outliers": s.outliers, "seed": s.seed}
