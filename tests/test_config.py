@@ -91,3 +91,18 @@ def test_data_source_rows_drive_the_checks(override, message):
         return
     with pytest.raises(ConfigError, match=message):
         load_config(DIGITS, override)
+
+
+def test_unknown_ood_sets_list_the_table():
+    from oodscale.data.ood_table import OOD_SETS
+
+    with pytest.raises(ConfigError, match="data.ood_sets.0") as err:
+        load_config(DIGITS, ["data.ood_sets=[bogus]"])
+    assert all(name in str(err.value) for name in OOD_SETS)
+    with pytest.raises(ConfigError, match="validation set 'textures'"):  # crops have none
+        load_config(DIGITS, ["data.val_ood_sets=[textures]"])
+    cfg = load_config(DIGITS)
+    assert cfg.data.validation_ood_sets == ["openset", "gaussian", "uniform", "rademacher",
+                                            "blobs"]
+    assert cfg.data.ood_set_size("openset", "ood") is None
+    assert cfg.data.ood_set_size("textures", "ood") == cfg.data.generated_ood_samples
