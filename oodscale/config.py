@@ -7,7 +7,6 @@ before any Ray work starts, with a message that names the offending key.
 from __future__ import annotations
 
 import math
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,13 +61,32 @@ def _known_backbone(name: str) -> str:
 
 
 BackboneName = Annotated[str, AfterValidator(_known_backbone)]  # classify.backbone_table
-BuiltinOOD = Literal[
-    "textures", "photos", "gaussian", "uniform", "rademacher", "blobs", "openset", "digits"
-]
-# Built-in sets with a validation counterpart disjoint from the test images: the open-set split
-# and scikit-learn's digits (images the test set did not draw) and noise (another seed). Crops
-# of the shipped photos and textures would repeat the test sets' source images: they have none.
-ValidationOOD = Literal["openset", "digits", "gaussian", "uniform", "rademacher", "blobs"]
+
+
+def _known_data_source(name: str) -> str:
+    from oodscale.data.source_table import check_data_source
+
+    return check_data_source(name)
+
+
+DataSourceName = Annotated[str, AfterValidator(_known_data_source)]  # data.source_table
+
+
+def _known_ood_set(name: str) -> str:
+    from oodscale.data.ood_table import check_ood_set
+
+    return check_ood_set(name)
+
+
+def _known_validation_set(name: str) -> str:
+    from oodscale.data.ood_table import check_ood_set
+
+    return check_ood_set(name, validation=True)
+
+
+BuiltinOOD = Annotated[str, AfterValidator(_known_ood_set)]  # data.ood_table
+# built-in sets with a validation counterpart disjoint from the test images (data.ood_table)
+ValidationOOD = Annotated[str, AfterValidator(_known_validation_set)]
 
 
 def _yaml_no(value: Any) -> Any:
@@ -107,10 +125,6 @@ def _no_credentials_in_address(address: str | None) -> str | None:
 
 # A path or URI that must not carry credentials (user info, secret query keys): oodscale.uris
 Location = Annotated[str, AfterValidator(_no_credentials)]
-
-
-# Data whose mirror images are other classes (or none): train.augment.flip is refused
-NO_FLIP_SOURCES = ("digits",)
 
 
 class ConfigError(InputError):
@@ -153,12 +167,14 @@ class OODSetSource(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "fashion_mnist", "imagefolder", "cifar10"] = Field(
-        "digits", description="The ID data set: digits, embedded (no download), by default; the "
-                              "others are read from data.path.")
+    source: DataSourceName = Field(
+        "digits", description="The ID data set: digits, embedded (no download), by default; "
+                              "fashion_mnist, imagefolder and cifar10 are read from data.path "
+                              "(oodscale/data/source_table.py).")
     path: Location | None = Field(
-        None, description="Dataset root for imagefolder / cifar10 / fashion_mnist (default for "
-                          "fashion_mnist: Debian's /usr/share/datasets/fashion-mnist).")
+        None, description="Dataset root, for the sources that read one (required where the "
+                          "source has no default; fashion_mnist's is Debian's "
+                          "/usr/share/datasets/fashion-mnist).")
     image_size: int = Field(16, ge=8, le=512,
                             description="Side in pixels every ID and OOD image is resized to "
                                         "(square); the digits' own are 8x8.")
@@ -228,9 +244,11 @@ class DataConfig(_Section):
     def ood_set_size(self, name: str, purpose: str) -> int | None:
         """Images of a built-in OOD set (`ood` test or `ood-val`); None = every image its
         pool holds (sets of real images only)."""
+        from oodscale.data.ood_table import OOD_SETS
+
         if purpose != "ood":
             return self.val_set_size
-        if name in ("openset", "digits"):
+        if not OOD_SETS[name].made_here:
             return self.ood_samples
         return self.ood_samples or self.generated_ood_samples
 
@@ -238,26 +256,35 @@ class DataConfig(_Section):
     def validation_ood_sets(self) -> list[str]:
         """The OOD validation sets prepare writes and evaluate scores (never a test image);
         none without an ID validation split to score them against."""
+        from oodscale.data.ood_table import OOD_SETS
+
         if self.val_fraction == 0:
             return []
         if self.val_ood_sets is not None:
             return list(self.val_ood_sets)
-        return [n for n in self.ood_sets if n in typing.get_args(ValidationOOD)]
+        return [n for n in self.ood_sets if OOD_SETS[n].validation]
 
     @model_validator(mode="after")
     def _paths_needed(self) -> DataConfig:
-        if self.source not in ("digits", "fashion_mnist") and not self.path:
+        from oodscale.data.ood_table import OOD_SETS
+        from oodscale.data.source_table import DATA_SOURCES
+
+        spec = DATA_SOURCES[self.source]
+        if spec.needs_path and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
         if self.id_classes is not None and len(set(self.id_classes)) < 2:
             raise ValueError("data.id_classes needs at least two distinct classes")
-        if "openset" in self.ood_sets and self.id_classes is None:
-            raise ValueError("data.ood_sets contains 'openset' but data.id_classes is unset: "
-                             "set data.id_classes to the ID classes (e.g. [0,1,2,3,4,5])")
-        if "openset" in (self.val_ood_sets or []) and self.id_classes is None:
-            raise ValueError("data.val_ood_sets contains 'openset' but data.id_classes is unset")
-        if "digits" in self.ood_sets and self.source == "digits":
-            raise ValueError("the 'digits' OOD set is scikit-learn's digits, the ID data of "
-                             "data.source=digits: remove it from data.ood_sets")
+        held_out = [n for n in self.ood_sets if OOD_SETS[n].held_out]
+        if held_out and self.id_classes is None:
+            raise ValueError(f"data.ood_sets contains {held_out[0]!r} but data.id_classes is "
+                             f"unset: set data.id_classes to the ID classes (e.g. [0,1,2,3,4,5])")
+        held_out = [n for n in self.val_ood_sets or [] if OOD_SETS[n].held_out]
+        if held_out and self.id_classes is None:
+            raise ValueError(f"data.val_ood_sets contains {held_out[0]!r} but data.id_classes "
+                             f"is unset")
+        if spec.same_as_ood in self.ood_sets:
+            raise ValueError(f"the {spec.same_as_ood!r} OOD set is the ID data of "
+                             f"data.source={self.source}: remove it from data.ood_sets")
         return self
 
 
@@ -635,7 +662,9 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _flips_valid(self) -> ExperimentConfig:
-        if self.train.augment.flip and self.data.source in NO_FLIP_SOURCES:
+        from oodscale.data.source_table import DATA_SOURCES
+
+        if self.train.augment.flip and not DATA_SOURCES[self.data.source].mirror_safe:
             raise ValueError(f"train.augment.flip mirrors images, and a mirrored "
                              f"{self.data.source} image is not its class (a 2 is no longer a "
                              f"2): set train.augment.flip=false")
@@ -646,7 +675,9 @@ class ExperimentConfig(_Section):
         """Number of ID classes the classifier and the DDPM are conditioned on."""
         if self.data.id_classes is not None:
             return len(self.data.id_classes)
-        return {"digits": 10, "fashion_mnist": 10, "cifar10": 10}.get(self.data.source, 0)
+        from oodscale.data.source_table import DATA_SOURCES
+
+        return DATA_SOURCES[self.data.source].num_classes or 0  # 0: the data will tell
 
 
 def parse_ood_flag(text: str) -> OODSetSource:

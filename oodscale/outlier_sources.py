@@ -52,6 +52,9 @@ SOURCES: dict[str, SourceFamily] = {
 }
 
 
+NO_OUTLIERS = "none"  # the cells that OE's effect is measured against (`vs_none`)
+
+
 @dataclass(frozen=True)
 class OutlierSource:
     """A parsed source name; generator sources carry their guidance and filter flag."""

@@ -66,3 +66,40 @@ def test_malformed_override_and_missing_file(tmp_path):
 def test_openset_requires_id_classes():
     with pytest.raises(ConfigError, match="id_classes"):
         load_config(DIGITS, ["data.id_classes=null"])
+
+
+def test_unknown_data_source_lists_the_table():
+    from oodscale.data.source_table import DATA_SOURCES
+
+    with pytest.raises(ConfigError, match="data.source") as err:
+        load_config(DIGITS, ["data.source=mnist"])
+    assert all(name in str(err.value) for name in DATA_SOURCES)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data.source=cifar10"], "data.path is required"),  # the row needs a path
+    (["data.source=fashion_mnist", "data.ood_sets=[digits]"], None),  # another source's set
+    (["data.ood_sets=[digits]"], "ID data of data.source=digits"),
+    (["train.augment.flip=true"], "mirrored digits image"),
+])
+def test_data_source_rows_drive_the_checks(override, message):
+    if message is None:
+        assert load_config(DIGITS, override).data.ood_sets == ["digits"]
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(DIGITS, override)
+
+
+def test_unknown_ood_sets_list_the_table():
+    from oodscale.data.ood_table import OOD_SETS
+
+    with pytest.raises(ConfigError, match="data.ood_sets.0") as err:
+        load_config(DIGITS, ["data.ood_sets=[bogus]"])
+    assert all(name in str(err.value) for name in OOD_SETS)
+    with pytest.raises(ConfigError, match="validation set 'textures'"):  # crops have none
+        load_config(DIGITS, ["data.val_ood_sets=[textures]"])
+    cfg = load_config(DIGITS)
+    assert cfg.data.validation_ood_sets == ["openset", "gaussian", "uniform", "rademacher",
+                                            "blobs"]
+    assert cfg.data.ood_set_size("openset", "ood") is None
+    assert cfg.data.ood_set_size("textures", "ood") == cfg.data.generated_ood_samples

@@ -9,12 +9,15 @@ from sklearn.datasets import load_digits
 
 from oodscale.config import load_config
 from oodscale.data import builtin
-from oodscale.data.prepare import _in_memory_splits
+from oodscale.data.builtin import digits_source_splits
+from oodscale.data.fashion_mnist import fashion_source_splits
 from tests.support import CONFIG, FASHION
+
+SPLITS = {"digits": digits_source_splits, "fashion_mnist": fashion_source_splits}
 
 
 def _openset(cfg, purpose: str) -> np.ndarray:
-    _, _, held, held_val = _in_memory_splits(cfg)
+    _, _, held, held_val = SPLITS[cfg.data.source](cfg)
     pool = held if purpose == "ood" else held_val
     return builtin.builtin_ood("openset", cfg.data.ood_set_size("openset", purpose),
                                cfg.data.image_size, cfg.data.channels, cfg.seed, pool, purpose,

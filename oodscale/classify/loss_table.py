@@ -33,6 +33,9 @@ LOSSES: dict[str, LossSpec] = {
     "normsoftmax": LossSpec(f"{_HEADS}:normsoftmax_head", ("temperature",)),
 }
 LOSS_NAMES = tuple(LOSSES)  # the table's keys, in its order (tests parametrize over them)
+# the plain loss: every cell is also compared with it without outliers (`vs_softmax`), and
+# the ambiguity filter reads its classifier
+BASELINE_LOSS = "softmax"
 
 
 def check_loss_options(name: str, options: dict[str, Any] | None = None) -> None:

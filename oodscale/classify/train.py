@@ -31,6 +31,7 @@ from oodscale.classify.checkpoints import (
     save_classifier,
 )
 from oodscale.classify.grid import RunSpec, grid
+from oodscale.classify.loss_table import BASELINE_LOSS
 from oodscale.classify.pretrained import init_from_torchvision
 from oodscale.classify.step import train_epoch
 from oodscale.config import ExperimentConfig, steps_per_epoch
@@ -45,7 +46,7 @@ from oodscale.distributed import (
     run_trainer,
 )
 from oodscale.errors import InputError
-from oodscale.outlier_sources import OutlierSource, generator_sources, parse_source
+from oodscale.outlier_sources import NO_OUTLIERS, OutlierSource, generator_sources, parse_source
 from oodscale.outliers import OutlierStream
 from oodscale.progress import epoch_progress
 from oodscale.runtime import (
@@ -290,7 +291,7 @@ def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str
     # a -ft cell fine-tunes its none cell, so it trains after every cell without -ft
     first = sorted((s for s in pending if s not in filtered),
                    key=lambda s: parse_source(s.outliers, default).finetune)
-    plain = RunSpec("softmax", "none", cfg.train.seeds[0])
+    plain = RunSpec(BASELINE_LOSS, NO_OUTLIERS, cfg.train.seeds[0])
     if filtered and not finished(plain) and plain not in first:
         first.insert(0, plain)
     cells = {s.name: {"loss": s.loss, "outliers": s.outliers, "seed": s.seed}

@@ -8,13 +8,21 @@ the two packages ship, the four noise kinds of the OE paper, and an open-set spl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from oodscale.data.ood_table import OOD_SETS, check_ood_set
+from oodscale.data.splits import PreparedID, Split, Splits, write_in_memory
 from oodscale.errors import InputError
+from oodscale.lazy import load
 from oodscale.runtime import derive_seed
+
+if TYPE_CHECKING:
+    from oodscale.config import ExperimentConfig
+    from oodscale.runtime import RunLayout
 
 # Every image the two packages ship in their wheels (scikit-image's others download on first
 # use): the more distinct sources a set of crops has, the less it measures one picture.
@@ -23,16 +31,6 @@ TEXTURES = ("brick", "grass", "gravel", "text", "page", "checkerboard", "microan
 PHOTOS = ("camera", "coffee", "chelsea", "astronaut", "rocket", "coins", "moon", "clock",
           "china", "flower", "retina", "stereo_motorcycle")
 CROP_SOURCES = {"textures": TEXTURES, "photos": PHOTOS}
-NOISE_SETS = ("gaussian", "uniform", "rademacher", "blobs")
-
-
-@dataclass
-class Split:
-    """Images (N×H×W×C uint8) with ID labels relabelled to 0..K-1 and their class names."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    class_names: list[str]
 
 
 def resize(image: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -64,6 +62,23 @@ def digits_splits(image_size: int, channels: int, test_fraction: float, seed: in
     to_id = np.vectorize(remap.__getitem__, otypes=[np.int64])
     held = Split(images[~mask], np.full((~mask).sum(), -1), [])
     return Split(tr_x, to_id(tr_y), names), Split(te_x, to_id(te_y), names), held
+
+
+def digits_source_splits(cfg: ExperimentConfig) -> Splits:
+    """The `digits` data source's splits: ID train and test (each capped per class as the
+    config says), the held-out classes' test images and their validation pool."""
+    train, test, held = digits_splits(cfg.data.image_size, cfg.data.channels,
+                                      cfg.data.test_fraction, cfg.seed, cfg.data.id_classes)
+    for name, split, cap in (("train", train, cfg.data.max_train_per_class),
+                             ("test", test, cfg.data.max_test_per_class)):
+        keep = cap_per_class(split.labels, cap, derive_seed(cfg.seed, "cap", name))
+        split.images, split.labels = split.images[keep], split.labels[keep]
+    return train, test, *held_out_validation(held, cfg.data.val_fraction, cfg.seed)
+
+
+def prepare_digits(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> PreparedID:
+    """The `digits` row of oodscale.data.source_table."""
+    return write_in_memory(cfg, layout, force, digits_source_splits(cfg))
 
 
 def held_out_validation(held: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -134,21 +149,33 @@ def crops(names: tuple[str, ...], n: int, size: int, channels: int,
     return np.stack(out)
 
 
+def _gaussian(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return np.clip(rng.normal(0.5, 0.25, shape), 0, 1)
+
+
+def _uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.uniform(0, 1, shape)
+
+
+def _rademacher(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(0, 2, shape).astype(float)  # ±1 mapped onto the pixel range
+
+
+def _blobs(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    smooth = ndimage.gaussian_filter(rng.binomial(1, 0.7, shape).astype(float),
+                                     sigma=(0, 1.0, 1.0, 0))
+    return (smooth > 0.75).astype(float)
+
+
+NOISE_KINDS = {"gaussian": _gaussian, "uniform": _uniform, "rademacher": _rademacher,
+               "blobs": _blobs}
+
+
 def noise(kind: str, n: int, size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
     """Noise images as in the OE paper: Gaussian, uniform, Rademacher and blobs."""
-    shape = (n, size, size, channels)
-    if kind == "gaussian":
-        x = np.clip(rng.normal(0.5, 0.25, shape), 0, 1)
-    elif kind == "uniform":
-        x = rng.uniform(0, 1, shape)
-    elif kind == "rademacher":
-        x = rng.integers(0, 2, shape).astype(float)  # ±1 mapped onto the pixel range
-    elif kind == "blobs":
-        smooth = ndimage.gaussian_filter(rng.binomial(1, 0.7, shape).astype(float),
-                                         sigma=(0, 1.0, 1.0, 0))
-        x = (smooth > 0.75).astype(float)
-    else:
-        raise InputError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_SETS)}")
+    if kind not in NOISE_KINDS:
+        raise InputError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")
+    x = NOISE_KINDS[kind](rng, (n, size, size, channels))
     return (x * 255).round().astype(np.uint8)
 
 
@@ -156,38 +183,68 @@ def source_count(name: str, images: int) -> str:
     """How many distinct source images an OOD set of `images` images holds, for the report."""
     if name in CROP_SOURCES:
         return f"{min(images, len(CROP_SOURCES[name]))} shipped images"
-    if name in NOISE_SETS:
+    if OOD_SETS[name].made_here:
         return "generated"
     return f"{images} images"
 
 
+@dataclass(frozen=True)
+class OODRequest:
+    """What one built-in OOD set is drawn for; `rng` is seeded by (run seed, purpose, name)."""
+
+    name: str
+    n: int | None  # images; None = every one the pool holds (sets of real images only)
+    size: int
+    channels: int
+    seed: int
+    purpose: str  # `ood` (test set) or `ood-val` (its validation counterpart)
+    held_out: Split | None  # the ID source's held-out classes, where it keeps them
+    val_n: int  # the `digits` validation pool
+    rng: np.random.Generator
+
+
+def crop_set(req: OODRequest) -> np.ndarray:
+    """The `textures` and `photos` rows: crops of the images the packages ship."""
+    return crops(CROP_SOURCES[req.name], req.n, req.size, req.channels, req.rng)
+
+
+def noise_set(req: OODRequest) -> np.ndarray:
+    """The noise rows (`gaussian`, `uniform`, `rademacher`, `blobs`)."""
+    return noise(req.name, req.n, req.size, req.channels, req.rng)
+
+
+def digits_set(req: OODRequest) -> np.ndarray:
+    """The `digits` row: scikit-learn's digits (OOD for another ID source)."""
+    pick = _digits_pick(req.n, req.seed, req.purpose, req.val_n)
+    return np.stack([resize(im, req.size, req.channels) for im in _digit_images()[pick]])
+
+
+def openset_set(req: OODRequest) -> np.ndarray:
+    """The `openset` row: the ID source's held-out classes."""
+    held_out = req.held_out
+    if held_out is None or len(held_out.images) == 0:
+        if req.purpose != "ood":
+            raise InputError("no held-out image is left for the open-set validation set: "
+                             "raise data.val_fraction or drop openset from data.val_ood_sets")
+        raise InputError("the 'openset' OOD set needs held-out classes: set data.id_classes "
+                         "to a subset of the classes")
+    pick = req.rng.permutation(len(held_out.images))[:req.n]
+    return held_out.images[np.sort(pick)]
+
+
 def builtin_ood(name: str, n: int | None, size: int, channels: int, seed: int,
                 held_out: Split | None, purpose: str = "ood", val_n: int = 300) -> np.ndarray:
-    """The images of one built-in OOD set, drawn from a seed derived from its name and purpose
-    (`ood` for the test sets, `ood-val` for their validation counterparts).
+    """The images of one built-in OOD set (its row of oodscale.data.ood_table), drawn from a
+    seed derived from its name and purpose (`ood` for the test sets, `ood-val` for their
+    validation counterparts).
 
     Sets of real images (openset, digits) take at most `n` images, every one for None; sets made
     here (crops, noise) take exactly `n`. `val_n` is the `digits` validation pool.
     """
+    check_ood_set(name)
+    spec = OOD_SETS[name]
+    if spec.made_here and n is None:
+        raise InputError(f"the {name!r} OOD set is generated: give it an image count")
     rng = np.random.default_rng(derive_seed(seed, purpose, name))
-    if name in CROP_SOURCES or name in NOISE_SETS:
-        if n is None:
-            raise InputError(f"the {name!r} OOD set is generated: give it an image count")
-        if name in NOISE_SETS:
-            return noise(name, n, size, channels, rng)
-        return crops(CROP_SOURCES[name], n, size, channels, rng)
-    if name == "digits":
-        return np.stack([resize(im, size, channels) for im in
-                         _digit_images()[_digits_pick(n, seed, purpose, val_n)]])
-    if name == "openset":
-        if held_out is None or len(held_out.images) == 0:
-            if purpose != "ood":
-                raise InputError("no held-out image is left for the open-set validation set: "
-                                 "raise data.val_fraction or drop openset from "
-                                 "data.val_ood_sets")
-            raise InputError("the 'openset' OOD set needs held-out classes: set data.id_classes "
-                             "to a subset of the classes")
-        pick = rng.permutation(len(held_out.images))[:n]
-        return held_out.images[np.sort(pick)]
-    raise InputError(f"unknown built-in OOD set {name!r}; valid: textures, photos, digits, "
-                     f"{', '.join(NOISE_SETS)}, openset")
+    return load(spec.draw)(OODRequest(name, n, size, channels, seed, purpose, held_out, val_n,
+                                      rng))

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from oodscale.data.builtin import Split, cap_per_class, resize
+from oodscale.data.builtin import cap_per_class, resize
+from oodscale.data.splits import PreparedID, Split, Splits, write_in_memory
 from oodscale.errors import InputError, MissingError
 from oodscale.runtime import derive_seed
+
+if TYPE_CHECKING:
+    from oodscale.config import ExperimentConfig
+    from oodscale.runtime import RunLayout
 
 DEBIAN_PATH = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -62,7 +68,7 @@ def load_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def fashion_splits(root: str | None, image_size: int, channels: int, id_classes: list[int] | None,
                    train_cap: int | None, test_cap: int | None, seed: int,
-                   ) -> tuple[Split, Split, Split, Split]:
+                   ) -> Splits:
     """(ID train, ID test, held-out classes, held-out classes for validation), with the
     release's own train/test split.
 
@@ -91,6 +97,18 @@ def fashion_splits(root: str | None, image_size: int, channels: int, id_classes:
     train, held_val = id_part("train", train_cap)
     test, held = id_part("test", test_cap)
     return train, test, held, held_val
+
+
+def fashion_source_splits(cfg: ExperimentConfig) -> Splits:
+    """The `fashion_mnist` data source's splits, as the config asks (see `fashion_splits`)."""
+    data = cfg.data
+    return fashion_splits(data.path, data.image_size, data.channels, data.id_classes,
+                          data.max_train_per_class, data.max_test_per_class, cfg.seed)
+
+
+def prepare_fashion_mnist(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> PreparedID:
+    """The `fashion_mnist` row of oodscale.data.source_table."""
+    return write_in_memory(cfg, layout, force, fashion_source_splits(cfg))
 
 
 def _resized(images: np.ndarray, size: int, channels: int) -> np.ndarray:

@@ -39,6 +39,7 @@ from oodscale.data.shards import (
     write_shard,
     write_split,
 )
+from oodscale.data.splits import PreparedID
 from oodscale.data.validation import VAL_SPLIT, validation_indices
 from oodscale.errors import InputError, MissingError
 from oodscale.runtime import RunLayout, derive_seed, open_storage
@@ -174,29 +175,44 @@ def _carve(cfg: ExperimentConfig, split: str, labels: list[int]) -> dict[str, np
     return {"train": keep, VAL_SPLIT: val}
 
 
-def prepare_external(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> list[str]:
-    """ID train/val/test shards from an ImageFolder tree or CIFAR-10's binary batches."""
-    storage, written = layout.storage, []
-    for split, folder in (("train", "train"), ("test", "val")):
+def _todo(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> dict[str, list[str]]:
+    """Per split of the source (train, test), the ID splits it gives whose manifest is
+    missing (all with `force`); train gives train and the ID validation split."""
+    todo = {}
+    for split in ("train", "test"):
         outputs = [split, VAL_SPLIT] if split == "train" and cfg.data.val_fraction else [split]
-        todo = [name for name in outputs
-                if force or try_read_manifest(storage, layout.id_split(name)) is None]
-        if not todo:
-            continue
-        if cfg.data.source == "cifar10":
-            images, labels = read_cifar10_binary(cfg.data.path, split)
-            mask, remap, names = _keep_classes(cfg, labels.tolist(), CIFAR10_CLASSES)
-            images, kept = images[mask], [remap[int(y)] for y in labels[mask]]
-            parts = _carve(cfg, split, kept)
-            for name in todo:
-                rows = parts[name]
-                resized = np.stack([resize(images[i], cfg.data.image_size, cfg.data.channels)
-                                    for i in rows])
-                write_split(storage, layout.id_split(name), name, resized,
-                            [{"label": kept[i]} for i in rows], cfg.data.shard_size,
-                            _id_manifest(cfg, name, names))
-                written.append(f"id/{name} ({len(rows)} images)")
-            continue
+        names = [name for name in outputs
+                 if force or try_read_manifest(layout.storage, layout.id_split(name)) is None]
+        if names:
+            todo[split] = names
+    return todo
+
+
+def prepare_cifar10(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> PreparedID:
+    """The `cifar10` row of oodscale.data.source_table: ID shards from the binary batches."""
+    written = []
+    for split, todo in _todo(cfg, layout, force).items():
+        images, labels = read_cifar10_binary(cfg.data.path, split)
+        mask, remap, names = _keep_classes(cfg, labels.tolist(), CIFAR10_CLASSES)
+        images, kept = images[mask], [remap[int(y)] for y in labels[mask]]
+        parts = _carve(cfg, split, kept)
+        for name in todo:
+            rows = parts[name]
+            resized = np.stack([resize(images[i], cfg.data.image_size, cfg.data.channels)
+                                for i in rows])
+            write_split(layout.storage, layout.id_split(name), name, resized,
+                        [{"label": kept[i]} for i in rows], cfg.data.shard_size,
+                        _id_manifest(cfg, name, names))
+            written.append(f"id/{name} ({len(rows)} images)")
+    return PreparedID(written)
+
+
+def prepare_imagefolder(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> PreparedID:
+    """The `imagefolder` row of oodscale.data.source_table: ID shards from `<path>/train`
+    and `<path>/val` (or `<path>/test`), decoded in parallel Ray tasks."""
+    written = []
+    for split, todo in _todo(cfg, layout, force).items():
+        folder = "train" if split == "train" else "val"
         root = f"{cfg.data.path.rstrip('/')}/{folder}"
         if folder == "val" and not open_storage(root).exists(open_storage(root).base):
             root = f"{cfg.data.path.rstrip('/')}/test"
@@ -212,7 +228,7 @@ def prepare_external(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> l
                                  _id_manifest(cfg, name, names), cfg.data.shard_size,
                                  limits=ImageLimits.from_config(cfg.data))
             written.append(f"id/{name} ({len(rows)} images)")
-    return written
+    return PreparedID(written)
 
 
 def prepare_extra_ood(cfg: ExperimentConfig, layout: RunLayout, force: bool) -> list[str]:

@@ -24,7 +24,7 @@ from oodscale.data.shards import (
 )
 from oodscale.devices import worker_device
 from oodscale.diffusion.classmap import map_classes, to_generator_labels
-from oodscale.diffusion.generators import load_generator, model_card
+from oodscale.diffusion.generators import GENERATORS, load_generator, model_card
 from oodscale.diffusion.mixup import one_hot
 from oodscale.diffusion.sample import (
     ShardSampler,
@@ -49,7 +49,7 @@ def _generation_params(cfg: ExperimentConfig, card: dict[str, Any],
               gen.samples_per_shard, "lam": gen.lam.model_dump(), "mode": gen.mode,
               "guidance": gen.guidance, "sampler": gen.sampler, "steps": gen.steps,
               "batch_size": gen.batch_size}
-    if card.get("generator", "ddpm") != "ddpm":  # keys a DDPM run's params never had
+    if GENERATORS[card["generator"]].params_name_generator:
         params.update(generator=card["generator"], source=card["source"], class_map=class_map,
                       image_size=cfg.data.image_size, image_format=gen.image_format,
                       jpeg_quality=gen.jpeg_quality)
@@ -65,14 +65,15 @@ def _class_map(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, Any],
     """The ID class names and each one's index among the generator's classes."""
     id_names = read_manifest(layout.storage, layout.id_split("train")).class_names
     if card["channels"] != cfg.data.channels:
-        raise InputError(f"generator {card.get('generator', 'ddpm')} draws {card['channels']}-"
+        raise InputError(f"generator {card['generator']} draws {card['channels']}-"
                          f"channel images but data.channels={cfg.data.channels}; set "
                          f"data.channels={card['channels']}")
     try:
         return id_names, map_classes(id_names, card["class_names"])
     except ValueError as err:
-        hint = ("rerun train-diffusion for these ID classes" if card.get("generator", "ddpm")
-                == "ddpm" else "set generate.class_list to the generator's class names")
+        hint = ("rerun train-diffusion for these ID classes"
+                if GENERATORS[card["generator"]].trained_here
+                else "set generate.class_list to the generator's class names")
         raise InputError(f"{err}; {hint}") from None
 
 
@@ -106,7 +107,7 @@ def generate_variant(cfg: ExperimentConfig, layout: RunLayout, dirname: str) -> 
         manifest = Manifest(kind="synthetic", split="labelmix", image_size=cfg.data.image_size,
                             channels=card["channels"], class_names=id_names,
                             extra={"params": params, "num_shards": gen.num_shards,
-                                   "generator": card.get("generator", "ddpm"),
+                                   "generator": card["generator"],
                                    "source": card.get("source"), "class_map": class_map})
     for problem in drop_damaged(storage, out_dir, manifest):
         print(f"[oodscale] redrawing: {problem}", flush=True)

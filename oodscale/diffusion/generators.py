@@ -8,19 +8,20 @@ has a model card (JSON beside its weights in the run) with a content hash that e
 sample records.
 
 This module imports nothing heavy, so validating a config stays cheap; the table names each
-implementation's module. Adding a generator: its module and one row here.
+implementation's module (and, for one trained here, its model builder). Adding a generator:
+its module and one row here.
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oodscale.errors import InputError, MissingError
+from oodscale.lazy import load
 
 if TYPE_CHECKING:
     from oodscale.config import ExperimentConfig
@@ -82,22 +83,37 @@ class Generator(abc.ABC):
 class GeneratorSpec:
     """One row of the table."""
 
-    implementation: str  # "module:Class", imported when a generator is loaded
-    trained_here: bool  # True: the train-diffusion stage trains it; False: pretrained weights
+    implementation: str  # "module:Class" (a Generator), imported when a generator is loaded
+    # Trained here: "module:function(cfg, id train manifest) -> diffusers ModelMixin" whose
+    # forward(noisy, timesteps, soft labels) predicts the noise; train-diffusion trains and
+    # publishes it under TRAINED_DIR. None: pretrained weights, nothing to train.
+    model: str | None = None
+    # The generation params (what a rerun must match to resume) name the generator, its
+    # source, class map and image size. The DDPM's runs from before the table did not record
+    # them, so its row keeps them out and those runs still resume.
+    params_name_generator: bool = True
+
+    @property
+    def trained_here(self) -> bool:
+        return self.model is not None
 
 
 GENERATORS: dict[str, GeneratorSpec] = {
-    "ddpm": GeneratorSpec("oodscale.diffusion.model:UNetGenerator", trained_here=True),
-    "dit": GeneratorSpec("oodscale.diffusion.dit:DiTGenerator", trained_here=False),
+    "ddpm": GeneratorSpec("oodscale.diffusion.model:UNetGenerator",
+                          model="oodscale.diffusion.model:build_unet",
+                          params_name_generator=False),
+    "dit": GeneratorSpec("oodscale.diffusion.dit:DiTGenerator"),
 }
+# <run>/diffusion/<TRAINED_DIR>: the published weights of a generator trained here (the name
+# predates the table, when the DDPM's UNet was the only one)
+TRAINED_DIR = "unet"
 
 
 def generator_class(name: str) -> type:
     """The implementation class of a generator name in the table."""
     if name not in GENERATORS:
         raise InputError(f"unknown generator {name!r}; valid: {', '.join(GENERATORS)}")
-    module, cls = GENERATORS[name].implementation.split(":")
-    return getattr(importlib.import_module(module), cls)
+    return load(GENERATORS[name].implementation)
 
 
 def model_card(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
@@ -106,8 +122,8 @@ def model_card(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
 
 
 def load_generator(storage: Storage, diffusion_dir: str, card: dict[str, Any]) -> Generator:
-    """The generator a card describes (cards from before the table default to the DDPM)."""
-    return generator_class(card.get("generator", "ddpm")).load(storage, diffusion_dir, card)
+    """The generator a card (as `model_card` returns it) describes."""
+    return generator_class(card["generator"]).load(storage, diffusion_dir, card)
 
 
 def content_hash(directory: str | Path) -> str:

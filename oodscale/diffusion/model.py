@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import ModelMixin, UNet2DModel
@@ -19,10 +19,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from oodscale.config import ExperimentConfig
-from oodscale.diffusion.generators import MODEL_CARD, Generator
+from oodscale.diffusion.generators import MODEL_CARD, TRAINED_DIR, Generator
 from oodscale.errors import InputError, MissingError
 from oodscale.runtime import RunLayout, Storage
 from oodscale.weights import require_safetensors
+
+if TYPE_CHECKING:
+    from oodscale.data.shards import Manifest
 
 
 class LabelConditionedUNet(ModelMixin, ConfigMixin):
@@ -53,6 +56,16 @@ class LabelConditionedUNet(ModelMixin, ConfigMixin):
                              f"trained on {self.config.num_classes} classes")
         class_emb = self.label_proj(labels.to(self.label_proj.weight.dtype))
         return self.unet(noisy, timesteps, class_labels=class_emb).sample
+
+
+def build_unet(cfg: ExperimentConfig, manifest: Manifest) -> LabelConditionedUNet:
+    """The untrained UNet the config describes, for the ID data `manifest` lists (the
+    `ddpm` row's model, trained by train-diffusion)."""
+    d = cfg.diffusion
+    return LabelConditionedUNet(
+        num_classes=len(manifest.class_names), sample_size=manifest.image_size,
+        in_channels=manifest.channels, block_out_channels=tuple(d.block_out_channels),
+        layers_per_block=d.layers_per_block, attention=d.attention)
 
 
 def load_unet(storage: Storage, unet_dir: str) -> LabelConditionedUNet:
@@ -100,7 +113,7 @@ class UNetGenerator(Generator):
 
     @classmethod
     def load(cls, storage: Storage, diffusion_dir: str, card: dict[str, Any]) -> UNetGenerator:
-        return cls(load_unet(storage, f"{diffusion_dir}/unet"), card["timesteps"])
+        return cls(load_unet(storage, f"{diffusion_dir}/{TRAINED_DIR}"), card["timesteps"])
 
     @classmethod
     def model_card(cls, cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
@@ -109,9 +122,10 @@ class UNetGenerator(Generator):
             raise MissingError(f"no trained DDPM at "
                                     f"{layout.storage.uri_of(layout.diffusion_dir)}: run "
                                     f"`oodscale train-diffusion` first")
+        # cards written before the generator table are the DDPM's and carry neither key
         card = {"generator": "ddpm", "source": "train-diffusion",
                 **json.loads(layout.storage.read_bytes(path))}
-        if card["generator"] != "ddpm":
+        if card["generator"] != cfg.generate.generator:
             raise InputError(f"{layout.storage.uri_of(path)} is the card of the pretrained "
                              f"{card['generator']} generator ({card.get('source')}), not of a "
                              f"trained DDPM; give this config its own experiment name (a DDPM "

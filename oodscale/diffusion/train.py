@@ -1,4 +1,5 @@
-"""The train-diffusion stage: the class-conditional DDPM in a Ray Train TorchTrainer.
+"""The train-diffusion stage: the config's generator, where it is one trained here (its
+table row names the model; the DDPM's is the UNet), in a Ray Train TorchTrainer.
 
 One-hot labels, replaced by the zero vector with probability p_uncond so the same network also
 learns the unconditional score that classifier-free guidance needs.
@@ -10,7 +11,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,9 +19,14 @@ from oodscale import tracking
 from oodscale.config import DiffusionConfig, ExperimentConfig, steps_per_epoch
 from oodscale.data.shards import Manifest
 from oodscale.data.streams import to_model_input, training_set, worker_data
-from oodscale.diffusion.generators import MODEL_CARD, content_hash
+from oodscale.diffusion.generators import (
+    GENERATORS,
+    MODEL_CARD,
+    TRAINED_DIR,
+    content_hash,
+    model_card,
+)
 from oodscale.diffusion.mixup import one_hot
-from oodscale.diffusion.model import LabelConditionedUNet, UNetGenerator
 from oodscale.distributed import (
     copy_checkpoint,
     make_worker_accelerator,
@@ -30,17 +36,18 @@ from oodscale.distributed import (
     run_trainer,
 )
 from oodscale.errors import InputError
+from oodscale.lazy import load
 from oodscale.progress import epoch_progress
 from oodscale.runtime import RunLayout, derive_seed, resolve_use_gpu, seed_everything
 from oodscale.weights import load_weights
 
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
-def build_unet(cfg: ExperimentConfig, manifest: Manifest) -> LabelConditionedUNet:
-    d = cfg.diffusion
-    return LabelConditionedUNet(
-        num_classes=len(manifest.class_names), sample_size=manifest.image_size,
-        in_channels=manifest.channels, block_out_channels=tuple(d.block_out_channels),
-        layers_per_block=d.layers_per_block, attention=d.attention)
+
+def build_model(cfg: ExperimentConfig, manifest: Manifest) -> ModelMixin:
+    """The untrained model of the config's generator (its table row's builder)."""
+    return load(GENERATORS[cfg.generate.generator].model)(cfg, manifest)
 
 
 def make_scheduler(timesteps: int):
@@ -74,17 +81,17 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, d: DiffusionConfig, total
                          num_training_steps=total_steps)
 
 
-def sampling_weights(model: LabelConditionedUNet, ema) -> LabelConditionedUNet:
+def sampling_weights(model: ModelMixin, ema) -> ModelMixin:
     """The model samples are drawn from: a copy holding the EMA weights, or `model` itself."""
     if ema is None:
         return model
     # built on the EMA's device, so the copy stays on it (save_pretrained reads it from there)
-    averaged = LabelConditionedUNet.from_config(model.config).to(ema.shadow_params[0].device)
+    averaged = type(model).from_config(model.config).to(ema.shadow_params[0].device)
     ema.copy_to(averaged.parameters())
     return averaged
 
 
-def save_training_state(path: Path, model: LabelConditionedUNet, ema, optimizer,
+def save_training_state(path: Path, model: ModelMixin, ema, optimizer,
                         lr_schedule) -> None:
     """A resumable checkpoint: the raw weights, the EMA weights under SAMPLING_DIR (what gets
     published) with EMAModel's step in EMA_STATE, optimiser and lr-schedule state."""
@@ -97,13 +104,13 @@ def save_training_state(path: Path, model: LabelConditionedUNet, ema, optimizer,
     torch.save(lr_schedule.state_dict(), path / "schedule.pt")
 
 
-def restore_weights(path: Path, model: LabelConditionedUNet) -> None:
+def restore_weights(path: Path, model: ModelMixin) -> None:
     """The checkpoint's raw weights into a model built from the config (not `from_pretrained`,
     whose config would carry the checkpoint's temporary path into every later save)."""
     model.load_state_dict(load_weights(path / WEIGHTS_FILE))
 
 
-def load_training_state(path: Path, model: LabelConditionedUNet, ema, optimizer,
+def load_training_state(path: Path, model: ModelMixin, ema, optimizer,
                         lr_schedule) -> None:
     """Restore what `save_training_state` wrote into the EMA (over `model`'s parameters),
     the optimiser and the lr schedule (the raw weights: `restore_weights`, before the
@@ -138,7 +145,7 @@ def diffusion_loop(config: dict[str, Any]) -> None:
     steps = config["steps_per_epoch"]
     start_epoch = 0
     with resumed_state() as (ckpt, state):
-        model = build_unet(cfg, manifest)
+        model = build_model(cfg, manifest)
         if ckpt is not None:
             restore_weights(ckpt, model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=0.0)
@@ -193,11 +200,12 @@ def diffusion_loop(config: dict[str, Any]) -> None:
 
 
 def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
-    """Train (or resume) the DDPM and publish it under `<run>/diffusion`; returns its card."""
+    """Train (or resume) the config's generator and publish it under `<run>/diffusion`;
+    returns its card."""
     storage = layout.storage
     card_path = f"{layout.diffusion_dir}/{MODEL_CARD}"
     if storage.exists(card_path):
-        return UNetGenerator.model_card(cfg, layout)  # refuses a pretrained generator's card
+        return model_card(cfg, layout)  # refuses another generator's card
     d = cfg.diffusion
     dataset, manifest = training_set(storage, layout.id_split("train"), d.num_workers, d.cache_mb)
     steps = steps_per_epoch(manifest.num_samples, d.batch_size, d.num_workers)
@@ -207,9 +215,10 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
             {"cfg": cfg.model_dump(), "manifest": manifest.to_json(), "steps_per_epoch": steps,
              "checkpoint_every": max(1, d.epochs // 4)},
             {"id": dataset}, d, layout, name=f"{cfg.name}-diffusion")
-    unet_dir = f"{layout.diffusion_dir}/unet"
-    copy_checkpoint(result, layout, unet_dir, SAMPLING_DIR)  # the EMA weights
-    card = {"generator": "ddpm", "epochs": d.epochs, "final_loss": result.metrics.get("loss"),
+    weights_dir = f"{layout.diffusion_dir}/{TRAINED_DIR}"
+    copy_checkpoint(result, layout, weights_dir, SAMPLING_DIR)  # the EMA weights
+    card = {"generator": cfg.generate.generator, "epochs": d.epochs,
+            "final_loss": result.metrics.get("loss"),
             "images_per_s": result.metrics.get("images_per_s"),
             "steps": d.epochs * steps, "lr": d.lr, "lr_schedule": d.lr_schedule,
             "lr_warmup_steps": d.lr_warmup_steps, "ema_decay": d.ema_decay,
@@ -217,7 +226,7 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
             "first_epoch": result.metrics.get("first_epoch"),
             "num_classes": len(manifest.class_names), "class_names": manifest.class_names,
             "image_size": manifest.image_size, "channels": manifest.channels,
-            "timesteps": d.timesteps, "model_hash": _hash_remote(layout, unet_dir)}
+            "timesteps": d.timesteps, "model_hash": _hash_remote(layout, weights_dir)}
     if d.quality_per_class:
         card["quality"] = measure_quality(cfg, layout, card)
     storage.write_bytes_atomic(card_path, json.dumps(card, indent=2).encode())
@@ -245,7 +254,7 @@ def measure_quality(cfg: ExperimentConfig, layout: RunLayout, card: dict[str, An
     return figures
 
 
-def _hash_remote(layout: RunLayout, unet_dir: str) -> str:
+def _hash_remote(layout: RunLayout, weights_dir: str) -> str:
     """Content hash of the saved weights, wherever they live."""
     with tempfile.TemporaryDirectory() as tmp:
-        return content_hash(layout.storage.fetch_dir(unet_dir, Path(tmp)))
+        return content_hash(layout.storage.fetch_dir(weights_dir, Path(tmp)))

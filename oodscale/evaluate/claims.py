@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from oodscale.evaluate.intervals import ID_ACC_MARGIN
+from oodscale.outlier_sources import NO_OUTLIERS
 
 CLAIM_COLUMNS = ["protocol", "claim", "loss", "outliers", "group", "metric", "diff", "ci_low",
                  "ci_high", "verdict"]
@@ -47,7 +48,7 @@ def _is_ood_metric(c: pd.DataFrame) -> pd.Series:
 
 CLAIMS = (
     Claim("metric losses beat softmax (both without outliers)",
-          lambda c, _: (c["comparison"] == "vs_softmax") & (c["outliers"] == "none")
+          lambda c, _: (c["comparison"] == "vs_softmax") & (c["outliers"] == NO_OUTLIERS)
           & _is_ood_metric(c), _performance),
     Claim("label-mixup OE improves each loss",
           lambda c, oe: (c["comparison"] == "vs_none") & (c["outliers"] == oe) & _is_ood_metric(c),

@@ -239,7 +239,7 @@ def fit_train(names: Sequence[str], model: OODClassifier, train: Activations,
     features = None
     if any(n in SCORES and SCORES[n].fit for n in names):
         features = fit_features(train.embeddings, labels.to(train.embeddings.device),
-                                normed="mahalanobis_normed" in names)
+                                normed=any(SCORES[n].fit_normed for n in names if n in SCORES))
     pood = {n: PoodScore(n, model, train, labels).unbind()
             for n in names if n not in SCORES and needs_fit(n)}
     return TrainFit(features, pood)

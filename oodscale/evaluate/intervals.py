@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from oodscale.classify.loss_table import BASELINE_LOSS
 from oodscale.errors import InputError
 from oodscale.evaluate.metrics import TPR_TARGET, ood_metrics
+from oodscale.outlier_sources import NO_OUTLIERS
 
 METRICS = ("fpr95", "auroc")
 LOWER_IS_BETTER = {"fpr95": True, "auroc": False, "id_acc": False}
@@ -183,13 +185,13 @@ def comparisons(scores: pd.DataFrame, groups: dict[str, str], protocols: dict[st
             if loss not in chosen:
                 continue
             side = Side(loss, outliers, chosen[loss])
-            refs = {"vs_none": (loss, "none")}
-            if loss != "softmax":  # softmax's own cells: vs_none already is softmax-none
-                refs["vs_softmax"] = ("softmax", "none")
+            refs = {"vs_none": (loss, NO_OUTLIERS), "vs_softmax": (BASELINE_LOSS, NO_OUTLIERS)}
+            taken = {(loss, outliers)}  # the baseline loss's vs_softmax is its vs_none: once
             for name, (ref_loss, ref_outliers) in refs.items():
-                if ((ref_loss, ref_outliers) == (loss, outliers) or ref_loss not in chosen
+                if ((ref_loss, ref_outliers) in taken or ref_loss not in chosen
                         or (ref_loss, ref_outliers) not in cells):
                     continue
+                taken.add((ref_loss, ref_outliers))
                 plans.append((protocol, name, side, Side(ref_loss, ref_outliers,
                                                          chosen[ref_loss])))
     if not plans:

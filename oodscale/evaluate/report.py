@@ -20,6 +20,7 @@ from sklearn.metrics import roc_curve
 
 from oodscale.errors import InputError
 from oodscale.evaluate.metrics import id_accuracy, mean_std, ood_metrics
+from oodscale.outlier_sources import NO_OUTLIERS
 
 RUN_KEYS = ["run", "loss", "outliers", "seed"]
 METRICS = ["fpr95", "auroc", "aupr_in", "aupr_out"]
@@ -288,11 +289,11 @@ def _hist_plot(scores: pd.DataFrame, run: str, score_name: str, path: str) -> No
 
 
 def _bar_plot(results: pd.DataFrame, primary: dict[str, str], path: str) -> None:
-    """FPR95 per loss, one bar per outlier setting ("none" first), near and far panels."""
+    """FPR95 per loss, one bar per outlier setting (no outliers first), near and far panels."""
     chosen = results[results["score_name"] == results["loss"].map(primary)]
     present = [g for g in GROUPS if (chosen["group"] == g).any()]
     losses = sorted(chosen["loss"].unique())
-    settings = sorted(chosen["outliers"].unique(), key=lambda s: (s != "none", s))
+    settings = sorted(chosen["outliers"].unique(), key=lambda s: (s != NO_OUTLIERS, s))
     width = 0.8 / len(settings)
     bars_per_panel = len(losses) * len(settings)
     # many bars: the panels one above the other, each wide enough for every bar

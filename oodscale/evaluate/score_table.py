@@ -23,6 +23,7 @@ class ScoreSpec:
     compute: str  # "module:function(ScoreInputs) -> Tensor", higher = more ID
     fit: bool
     reads: str
+    fit_normed: bool = False  # also needs the Gaussian of the unit-normalised embeddings
 
 
 _SCORES = "oodscale.evaluate.detectors"
@@ -34,7 +35,7 @@ SCORES: dict[str, ScoreSpec] = {
     "knn": ScoreSpec(f"{_SCORES}:knn_score", True, "the normalised embedding"),
     "mahalanobis": ScoreSpec(f"{_SCORES}:mahalanobis_score", True, "the raw embedding"),
     "mahalanobis_normed": ScoreSpec(f"{_SCORES}:mahalanobis_normed_score", True,
-                                    "the normalised embedding"),
+                                    "the normalised embedding", fit_normed=True),
 }
 SCORE_NAMES = tuple(SCORES)  # the built-in names, in the table's order
 
