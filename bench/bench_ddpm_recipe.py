@@ -1,5 +1,5 @@
 """The DDPM recipe at equal compute: sample quality of the old recipe (constant lr, no warm-up,
-no EMA) against the EMA recipe at two peak learning rates, and the new schedule without the
+no EMA) against the EMA recipe at three peak learning rates, and the new schedule without the
 EMA, on one config.
 
     .venv/bin/python bench/bench_ddpm_recipe.py [--config configs/fashion.yaml] [--arm old ...]
