@@ -31,7 +31,8 @@ from oodscale.classify.checkpoints import classifier_from_card  # noqa: E402
 from oodscale.classify.step import train_epoch  # noqa: E402
 from oodscale.config import AugmentConfig, load_config  # noqa: E402
 from oodscale.data.shards import read_manifest  # noqa: E402
-from oodscale.data.streams import read_rows, reshuffled_batches, to_model_input  # noqa: E402
+from oodscale.data.streams import read_rows, reshuffled_batches  # noqa: E402
+from oodscale.diffusion.quality import predict  # noqa: E402
 from oodscale.distributed import make_accelerator, prepare  # noqa: E402
 from oodscale.outliers import OutlierStream  # noqa: E402
 from oodscale.runtime import RunLayout, open_storage  # noqa: E402
@@ -39,15 +40,10 @@ from oodscale.runtime import RunLayout, open_storage  # noqa: E402
 AUGMENTS = {"none": AugmentConfig(), "crop2+flip": AugmentConfig(crop_padding=2, flip=True)}
 
 
-@torch.no_grad()
 def accuracy(model, rows: dict[str, torch.Tensor]) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(rows["label"]), 1024):
-        x = to_model_input(rows["image"][start:start + 1024])
-        logits, _ = model.embed_and_logits(x)
-        correct += (logits.argmax(1) == rows["label"][start:start + 1024]).sum().item()
-    return 100 * correct / len(rows["label"])
+    """ID accuracy (%), read as the quality module's reference classifier is read."""
+    probs, _ = predict(model.eval(), rows["image"].numpy())
+    return 100 * float((probs.argmax(1) == rows["label"].numpy()).mean())
 
 
 def train_once(cfg, card: dict, rows: dict, epochs: int, augment: AugmentConfig,
