@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from oodscale.cli import main
-from tests.support import CONFIG
+from tests.support import CONFIG, NO_QUALITY
 
 NUM_SHARDS = 6
 TINY = [
@@ -19,6 +19,7 @@ TINY = [
     "train.losses=[softmax]", "train.outliers=[labelmix]", "train.seeds=[0]",
     "train.epochs=3", "train.steps_per_epoch=60", "train.batch_size=32",
     "train.outlier_batch_size=8", "train.embedding_dim=16", "evaluate.scores=[msp,energy]",
+    *NO_QUALITY,
 ]
 RUN = "softmax-labelmix-s0"
 

@@ -17,6 +17,9 @@ FASHION = REPO / "configs" / "fashion.yaml"
 
 # One small built-in OOD set, made here (no image source to read): prepare stays quick.
 SMALL_OOD = ["data.ood_sets=[gaussian]", "data.ood_samples=8"]
+# No sample-quality figures (a reference classifier and extra DDPM samples per run): the tests
+# that check them (test_pipeline, test_quality, test_fashion_gpu) ask for them themselves.
+NO_QUALITY = ["diffusion.quality_per_class=0", "generate.quality_samples=0"]
 # A grid of one cell, the plain softmax baseline without outliers, at one seed.
 ONE_CELL = ["train.losses=[softmax]", "train.outliers=[none]", "train.seeds=[0]"]
 

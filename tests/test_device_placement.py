@@ -30,7 +30,7 @@ from oodscale.outlier_sources import synthetic_dirname
 from oodscale.outliers import OutlierStream
 from oodscale.runtime import layout_for
 from tests.device_sim import SimulatedAccelerator
-from tests.support import CONFIG
+from tests.support import CONFIG, NO_QUALITY
 
 pytestmark = pytest.mark.integration
 SMALL = [
@@ -42,7 +42,7 @@ SMALL = [
     "train.steps_per_epoch=2", "train.num_workers=1", "train.batch_size=16",
     "train.outlier_batch_size=8", "train.embedding_dim=8", "train.augment.crop_padding=2",
     "evaluate.scores=[msp,maxlogit,energy,maxcos,knn,mahalanobis,pood:ViM,pood:ReAct,"
-    "pood:NNGuide,pood:KNN,pood:KLMatching,pood:ASH]",
+    "pood:NNGuide,pood:KNN,pood:KLMatching,pood:ASH]", *NO_QUALITY,
 ]
 SOURCES = ["none", "labelmix", "labelmix-w1", "labelmix-filtered", "noise", "pixelmix"]
 

@@ -20,7 +20,7 @@ from oodscale.diffusion.dit import DiTGenerator, SoftLabelEmbedding
 from oodscale.diffusion.generators import content_hash
 from oodscale.diffusion.mixup import mixup_labels, one_hot
 from tests.dit_models import DIT_CLASSES, tiny_dit
-from tests.support import CONFIG, imagefolder
+from tests.support import CONFIG, NO_QUALITY, imagefolder
 
 WNIDS = [f"n{i:08d}" for i in range(DIT_CLASSES)]
 ID_WNIDS = ["n00000002", "n00000007", "n00000011"]
@@ -142,7 +142,7 @@ def test_generate_train_evaluate_on_a_tiny_dit(dit_dir, tmp_path, ray_cluster):
         "generate.filter_tau=1.0", "train.losses=[softmax]",
         "train.outliers=[labelmix-filtered]", "train.seeds=[0]",
         "train.epochs=1", "train.batch_size=8", "train.outlier_batch_size=4",
-        "train.num_workers=1", "train.embedding_dim=8", "evaluate.scores=[msp]"]
+        "train.num_workers=1", "train.embedding_dim=8", "evaluate.scores=[msp]", *NO_QUALITY]
     for stage in ("prepare", "train-diffusion", "generate", "train", "evaluate"):
         assert main([stage, CONFIG, *overrides]) == 0, stage
     run = root / "digits"

@@ -18,13 +18,13 @@ from oodscale.data.shards import read_manifest
 from oodscale.processes import stop_processes
 from oodscale.runtime import open_storage
 from tests.procs import descendants
-from tests.support import REPO
+from tests.support import NO_QUALITY, REPO
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 TINY = ["data.ood_sets=[openset,gaussian]", "data.ood_samples=16",
         "generate.num_shards=2", "generate.samples_per_shard=4", "generate.steps=2",
-        "generate.concurrency=1", "generate.grid_per_class=1"]
+        "generate.concurrency=1", "generate.grid_per_class=1", *NO_QUALITY]
 
 
 def _free_port() -> int:
