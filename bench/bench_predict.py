@@ -75,19 +75,22 @@ def run_case(engine: str, actors: int, count: int, work: Path) -> dict[str, floa
     out = work / f"out-{engine}-{actors}-{count}" / "rows.parquet"
     command = [sys.executable, __file__, "--one", engine, str(actors), str(work / "runs"),
                str(folder), str(out)]
-    with PeakRSS() as peak:
+    with PeakRSS(proportional=True) as peak:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     marked = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     result = json.loads(marked[-1][len(MARK):])  # Ray may print after it
     return {**result, "images": count, "images_per_s": count / result["seconds"],
-            "peak_mib": peak.peak / 2**20}
+            "peak_mib": peak.peak / 2**20, "peak_pss_mib": peak.peak_pss / 2**20,
+            "at_peak": peak.at_peak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--paths", default="local,ray1,ray2",
+                        help="which of local, ray1, ray2 (Ray with 1 or 2 actors) to run")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--one", nargs=5, metavar=("ENGINE", "ACTORS", "ROOT", "FOLDER", "OUT"))
     args = parser.parse_args()
@@ -99,8 +102,8 @@ def main() -> None:
     from tests.experiment import hand_calibrated
 
     n = args.images
-    cases = [(engine, actors, count) for count in (n, 10 * n)
-             for engine, actors in (("local", 1), ("ray", 1), ("ray", 2))]
+    paths = {"local": ("local", 1), "ray1": ("ray", 1), "ray2": ("ray", 2)}
+    cases = [(*paths[name], count) for count in (n, 10 * n) for name in args.paths.split(",")]
     rows, load = [], [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -112,14 +115,23 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     lines = [f"{platform.processor() or platform.machine()}, "
              f"`python bench/bench_predict.py --images {n}`; 32x32 RGB PNGs, a digits "
-             f"smallcnn, evaluate.batch_size=512. Peak RSS: the process and every process "
-             f"under it (its local Ray included). Load average (1 min) at start and end: "
-             f"{load[0]:.1f}, {load[1]:.1f} on {os.cpu_count()} cores.", "",
-             "| path | actors | images | images/s | Ray start-up (s) | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|"]
+             f"smallcnn, evaluate.batch_size=512. Peak RSS and peak PSS: summed over the "
+             f"process and every process under it (its local Ray included); RSS counts a "
+             f"shared page (Ray's object store) once per process that mapped it, PSS shares it "
+             f"out, so summed PSS is the memory the run takes. Load average (1 min) at start "
+             f"and end: {load[0]:.1f}, {load[1]:.1f} on {os.cpu_count()} cores.", "",
+             "| path | actors | images | images/s | Ray start-up (s) | peak RSS (MiB) | "
+             "peak PSS (MiB) | processes at peak PSS |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['engine']} | {r['actors'] if r['engine'] == 'ray' else '-'} | "
               f"{r['images']:,} | {r['images_per_s']:,.0f} | "
-              f"{r['startup']:.1f} | {r['peak_mib']:,.0f} |" for r in rows]
+              f"{r['startup']:.1f} | {r['peak_mib']:,.0f} | {r['peak_pss_mib']:,.0f} | "
+              f"{sum(c for c, _ in r['at_peak'].values())} |" for r in rows]
+    lines += ["", "PSS at the peak by process name (count × name: MiB), largest first:", ""]
+    lines += [f"- {r['engine']} {r['actors']} actor(s), {r['images']:,} images: " + ", ".join(
+        f"{c} × {name}: {mib:,.0f}" for name, (c, mib) in
+        sorted(r["at_peak"].items(), key=lambda kv: -kv[1][1])) for r in rows
+        if r["engine"] == "ray"]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

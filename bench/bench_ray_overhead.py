@@ -85,25 +85,55 @@ BASE = ["generate.concurrency=1", "generate.cpus_per_actor=1", "generate.grid_pe
 
 
 class PeakRSS:
-    """Peak of the summed RSS of this process and all its descendants, sampled every 50 ms."""
+    """Peak of the summed RSS of this process and all its descendants, sampled every 50 ms.
 
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
+    With `proportional`, also the peak of their summed PSS (proportional set size: a page
+    shared by n processes counts 1/n in each), read from smaps every 250 ms, and which
+    processes made it up at that peak (`at_peak`: name -> (count, MiB)). RSS counts Ray's
+    shared object-store pages once per process that mapped them, so a summed RSS grows with
+    how many workers touched the store; the summed PSS is the machine's memory."""
+
+    def __init__(self, proportional: bool = False) -> None:
+        self.peak, self.peak_pss, self._stop = 0, 0, threading.Event()
+        self.at_peak: dict[str, tuple[int, float]] = {}
+        self._proportional = proportional
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _total(self) -> int:
+    @staticmethod
+    def _tree() -> list[psutil.Process]:
         me = psutil.Process()
+        return [me, *me.children(recursive=True)]
+
+    def _total(self) -> int:
         total = 0
-        for proc in [me, *me.children(recursive=True)]:
+        for proc in self._tree():
             try:
                 total += proc.memory_info().rss
             except psutil.Error:
                 pass
         return total
 
+    def _pss(self) -> tuple[int, dict[str, tuple[int, float]]]:
+        total, parts = 0, {}
+        for proc in self._tree():
+            try:
+                pss, name = proc.memory_full_info().pss, proc.name()
+            except psutil.Error:
+                continue
+            total += pss
+            count, mib = parts.get(name, (0, 0.0))
+            parts[name] = (count + 1, mib + pss / 2**20)
+        return total, parts
+
     def _run(self) -> None:
+        tick = 0
         while not self._stop.is_set():
             self.peak = max(self.peak, self._total())
+            if self._proportional and tick % 5 == 0:
+                total, parts = self._pss()
+                if total > self.peak_pss:
+                    self.peak_pss, self.at_peak = total, parts
+            tick += 1
             time.sleep(0.05)
 
     def __enter__(self) -> PeakRSS:

@@ -66,9 +66,18 @@ def sample_images(model: Generator, labels: torch.Tensor, guidance: float, sched
         if plain:
             eps = model.predict_noise(x, tt, condition).float()
         else:
-            both = model.predict_noise(torch.cat([x] * (parts + 1)), tt.repeat(parts + 1),
-                                       torch.cat([condition, null]))
-            *eps_k, eps_u = both.float().chunk(parts + 1)
+            # The first condition and the unconditional input go through in the batch plain
+            # guidance uses ([c; u], 2B rows): a kernel's result can depend on the batch shape,
+            # and so composed guidance with weights (1, 0) equals class a's guided output bit
+            # for bit. The other conditions follow in one batch of their own.
+            first = model.predict_noise(torch.cat([x, x]), tt.repeat(2),
+                                        torch.cat([condition[:count], null]))
+            eps_first, eps_u = first.float().chunk(2)
+            eps_k = [eps_first]
+            if parts > 1:
+                rest = model.predict_noise(torch.cat([x] * (parts - 1)), tt.repeat(parts - 1),
+                                           condition[count:])
+                eps_k += list(rest.float().chunk(parts - 1))
             eps = eps_u + guidance * _composed(eps_k, eps_u, weights)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return model.decode(x).float().clamp(-1, 1)
