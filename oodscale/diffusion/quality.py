@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -232,16 +233,13 @@ def measure_outliers(storage_root: str, experiment: str, run_seed: int, director
     layout = RunLayout(storage, experiment)
     reference = reference_classifier(storage, layout, run_seed, worker_device(use_gpu))
     images, a, b = [], [], []
-    for path in shard_paths(storage, directory, read_manifest(storage, directory)):
-        for sample in iter_raw_samples(storage, path):
-            meta = json.loads(sample["json"])
-            images.append(sample_image(sample).transpose(2, 0, 1))
-            a.append(int(meta["a"]))
-            b.append(int(meta["b"]))
-            if len(images) >= limit:
-                break
-        if len(images) >= limit:
-            break
+    shards = shard_paths(storage, directory, read_manifest(storage, directory))
+    samples = chain.from_iterable(iter_raw_samples(storage, path) for path in shards)
+    for sample in islice(samples, limit):
+        meta = json.loads(sample["json"])
+        images.append(sample_image(sample).transpose(2, 0, 1))
+        a.append(int(meta["a"]))
+        b.append(int(meta["b"]))
     probs, _ = predict(reference, np.stack(images))
     return {**mixup_betweenness(probs, np.array(a), np.array(b)), "mix_samples": len(images),
             "reference": REFERENCE_DESCRIPTION}
