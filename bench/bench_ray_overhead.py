@@ -117,13 +117,23 @@ class PeakRSS:
         total, parts = 0, {}
         for proc in self._tree():
             try:
-                pss, name = proc.memory_full_info().pss, proc.name()
+                pss, name = proc.memory_full_info().pss, self._label(proc)
             except psutil.Error:
                 continue
             total += pss
             count, mib = parts.get(name, (0, 0.0))
             parts[name] = (count + 1, mib + pss / 2**20)
         return total, parts
+
+    @staticmethod
+    def _label(proc: psutil.Process) -> str:
+        """A Ray worker's title (ray::IDLE, ray::MapWorker(...)); for a Python process its
+        script's name (the driver, Ray's monitors)."""
+        name = proc.name()
+        if not name.startswith("python"):
+            return name
+        script = next((a for a in proc.cmdline()[1:] if a.endswith(".py")), name)
+        return Path(script).name
 
     def _run(self) -> None:
         tick = 0
