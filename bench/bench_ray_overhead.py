@@ -284,7 +284,7 @@ def bench_training(tmp: Path, rounds: int) -> list[str]:
         syn = training_set(layout.storage, layout.synthetic_variant(SYN), t.num_workers,
                            t.cache_mb)
         epochs: list[float] = []  # each epoch's rate as the worker publishes it
-        with epoch_progress("bench train", 1, cfg.train.epochs,
+        with epoch_progress("bench train", cfg.train.epochs,
                             lambda item, epochs=epochs: epochs.append(item["images_per_s"])):
             walls.append(timed(partial(train_group, cfg, layout,
                                        [RunSpec("arcface", "labelmix", 0)], id_data, manifest,

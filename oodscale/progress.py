@@ -115,9 +115,10 @@ def _status(item: dict[str, Any]) -> str:
 
 
 @contextmanager
-def epoch_progress(desc: str, runs: int, epochs: int,
+def epoch_progress(desc: str, epochs: int,
                    on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Iterator[None]:
-    """A bar of `runs` × `epochs` epochs for the worker groups trained inside the block.
+    """A bar of `epochs` epochs (summed over the runs: a fine-tuned cell trains fewer) for the
+    worker groups trained inside the block.
 
     Each item is a worker's `publish`: {"label", "epoch", metrics...}. The bar stands at the
     sum over labels of (last epoch + 1), so a resumed run starts where its checkpoint was.
@@ -125,11 +126,11 @@ def epoch_progress(desc: str, runs: int, epochs: int,
     """
     import ray
 
-    if runs * epochs == 0:  # nothing left to train
+    if epochs == 0:  # nothing left to train
         yield
         return
     mailbox = _open_mailbox()
-    bar = StageBar(desc, runs * epochs, "epoch")
+    bar = StageBar(desc, epochs, "epoch")
     done: dict[str, int] = {}
     stop = threading.Event()
     failed: list[BaseException] = []

@@ -46,7 +46,7 @@ def test_worker_epochs_reach_the_driver_in_order(ray_cluster):
             progress.publish(label, {"epoch": epoch, "loss": 1.0 / (epoch + 1)})
 
     seen: list[dict] = []
-    with progress.epoch_progress("train", 2, 3, seen.append):
+    with progress.epoch_progress("train", 5, seen.append):
         ray.get([worker.remote("a", 3), worker.remote("b", 2)])
     assert [i["epoch"] for i in seen if i["label"] == "a"] == [0, 1, 2]
     assert [i["loss"] for i in seen if i["label"] == "b"] == [1.0, 0.5]
@@ -57,7 +57,7 @@ def test_worker_epochs_reach_the_driver_in_order(ray_cluster):
 def test_a_lost_mailbox_costs_the_display_not_the_stage(ray_cluster, capsys):
     # a mailbox on a node that dies mid-stage used to fail a stage whose training had finished
     ray = ray_cluster
-    with progress.epoch_progress("train", 1, 2):
+    with progress.epoch_progress("train", 2):
         mailbox = ray.get_actor(progress.MAILBOX)
         owner = ray.get(mailbox.__ray_call__.remote(
             lambda _: ray.get_runtime_context().get_node_id()))

@@ -298,7 +298,7 @@ def train_classifiers(cfg: ExperimentConfig, layout: RunLayout) -> list[dict[str
              for s in first + filtered}
     epochs = sum(cfg.train.finetune_epochs if parse_source(s.outliers, default).finetune
                  else cfg.train.epochs for s in first + filtered)
-    with epoch_progress("train", 1, epochs, tracking.epoch_logger(cells)):
+    with epoch_progress("train", epochs, tracking.epoch_logger(cells)):
         for group, name in ((first, f"{cfg.name}-classifiers"),
                             (filtered, f"{cfg.name}-classifiers-filtered")):
             if not group:

@@ -209,7 +209,7 @@ def train_diffusion(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     d = cfg.diffusion
     dataset, manifest = training_set(storage, layout.id_split("train"), d.num_workers, d.cache_mb)
     steps = steps_per_epoch(manifest.num_samples, d.batch_size, d.num_workers)
-    with epoch_progress("train-diffusion", 1, d.epochs, tracking.epoch_logger()):
+    with epoch_progress("train-diffusion", d.epochs, tracking.epoch_logger()):
         result = run_trainer(
             diffusion_loop,
             {"cfg": cfg.model_dump(), "manifest": manifest.to_json(), "steps_per_epoch": steps,
