@@ -83,7 +83,18 @@ def run_case(engine: str, actors: int, count: int, work: Path) -> dict[str, floa
     result = json.loads(marked[-1][len(MARK):])  # Ray may print after it
     return {**result, "images": count, "images_per_s": count / result["seconds"],
             "peak_mib": peak.peak / 2**20, "peak_pss_mib": peak.peak_pss / 2**20,
-            "at_peak": peak.at_peak}
+            "at_peak": peak.at_peak, "tenths": tenths(peak.series)}
+
+
+def tenths(series: list[tuple[float, int]]) -> list[float]:
+    """The peak summed PSS (MiB) in each tenth of a run's wall time: at a steady rate, the
+    tenth of its images. Flat memory: the last tenths no higher than the second."""
+    end = series[-1][0] if series else 0.0
+    peaks = [0.0] * 10
+    for seconds, pss in series:
+        k = min(int(10 * seconds / end), 9) if end else 0
+        peaks[k] = max(peaks[k], pss / 2**20)
+    return peaks
 
 
 def main() -> None:
@@ -127,6 +138,12 @@ def main() -> None:
               f"{r['images']:,} | {r['images_per_s']:,.0f} | "
               f"{r['startup']:.1f} | {r['peak_mib']:,.0f} | {r['peak_pss_mib']:,.0f} | "
               f"{sum(c for c, _ in r['at_peak'].values())} |" for r in rows]
+    lines += ["", "Peak PSS (MiB) in each tenth of the run's wall time (process start to exit, "
+              "the Ray start-up and the actors' loading in the first):", "",
+              "| path | actors | images | " + " | ".join(f"{k + 1}/10" for k in range(10)) + " |",
+              "|---|---|---|" + "---|" * 10]
+    lines += [f"| {r['engine']} | {r['actors']} | {r['images']:,} | "
+              + " | ".join(f"{v:,.0f}" for v in r["tenths"]) + " |" for r in rows]
     lines += ["", "PSS at the peak by process name (count × name: MiB), largest first:", ""]
     lines += [f"- {r['engine']} {r['actors']} actor(s), {r['images']:,} images: " + ", ".join(
         f"{c} × {name}: {mib:,.0f}" for name, (c, mib) in

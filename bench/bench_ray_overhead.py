@@ -91,11 +91,13 @@ class PeakRSS:
     shared by n processes counts 1/n in each), read from smaps every 250 ms, and which
     processes made it up at that peak (`at_peak`: name -> (count, MiB)). RSS counts Ray's
     shared object-store pages once per process that mapped them, so a summed RSS grows with
-    how many workers touched the store; the summed PSS is the machine's memory."""
+    how many workers touched the store; the summed PSS is the machine's memory. `series` keeps
+    every PSS sample, to tell a peak of start-up from one that grows with the work done."""
 
     def __init__(self, proportional: bool = False) -> None:
         self.peak, self.peak_pss, self._stop = 0, 0, threading.Event()
         self.at_peak: dict[str, tuple[int, float]] = {}
+        self.series: list[tuple[float, int]] = []  # (seconds since start, summed PSS)
         self._proportional = proportional
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -136,11 +138,12 @@ class PeakRSS:
         return Path(script).name
 
     def _run(self) -> None:
-        tick = 0
+        tick, started = 0, time.perf_counter()
         while not self._stop.is_set():
             self.peak = max(self.peak, self._total())
             if self._proportional and tick % 5 == 0:
                 total, parts = self._pss()
+                self.series.append((time.perf_counter() - started, total))
                 if total > self.peak_pss:
                     self.peak_pss, self.at_peak = total, parts
             tick += 1
