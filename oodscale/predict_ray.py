@@ -183,7 +183,7 @@ def _scored_rows(cfg: ExperimentConfig, request: Any, roots: list[Root], classif
     # many however many files there are.
     decoded = listed.map_batches(
         decode_files, batch_size=ev.batch_size, num_cpus=ev.cpus_per_actor / 2,
-        concurrency=DECODERS_PER_ACTOR * ev.concurrency,
+        compute=ray.data.TaskPoolStrategy(size=DECODERS_PER_ACTOR * ev.concurrency),
         fn_kwargs={"roots": roots, "size": size[0], "channels": size[1],
                    "limits": ImageLimits.from_config(cfg.data)})
     return decoded.map_batches(
