@@ -4,14 +4,18 @@
                                                         # bench/results/bench_predict_*.md
     .venv/bin/python bench/bench_predict.py --no-write  # print only
     .venv/bin/python bench/bench_predict.py --no-write --images 500  # a quick look
+    .venv/bin/python bench/bench_predict.py --images 50000 --paths ray1,ray2
+                                        # Ray's memory at 50k and 500k (~40 min on 2 cores)
 
 Both paths score the same folder of 32x32 RGB PNGs with the same classifier (a calibrated
 smallcnn written by hand, tests/experiment.hand_calibrated: scoring cost is a digits model's).
-Each row runs in a fresh process; its peak RSS is the sum over that process and every process
-under it (the local Ray it starts included), sampled every 50 ms. Images/s is the predict call
-alone; Ray's start-up (a local Ray, once per process) is its own column. Every path runs at N
-and at 10x N images: flat memory means neither the driver nor the actors hold more for more
-images.
+Each row runs in a fresh process; its peak RSS and peak PSS are sums over that process and every
+process under it (the local Ray it starts included), RSS sampled every 50 ms and PSS (shared
+pages shared out, so the sum is the memory taken) every 250 ms, with the peak PSS of each tenth
+of the run. Images/s is the predict call alone; Ray's start-up (a local Ray, once per process)
+is its own column. Every path runs at N and at 10x N images: flat memory means neither the
+driver nor the actors hold more for more images, so the tenths of the 10x N run after its
+start-up stay level.
 """
 
 from __future__ import annotations
